@@ -142,13 +142,13 @@ def _same_device(op: str, first: Tensor, **others: Optional[Tensor]) -> None:
 
 
 @torch.library.register_fake("wise_ext::ties_merge")
-def _ties_merge_fake(base, tensors, weights, density, sparsify, consensus, normalize, seed):
+def _ties_merge_fake(base, tensors, weights, density, sparsify="magnitude", consensus="sum", normalize=True, seed=0):
     _same_device("ties_merge", base, **{f"tensors[{k}]": t for k, t in enumerate(tensors)})
     return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("wise_ext::wise_ffn")
-def _wise_ffn_fake(a, w_main, w_sides, bias, thresholds, token_mask, reduce, act, transpose):
+def _wise_ffn_fake(a, w_main, w_sides, bias, thresholds, token_mask, reduce="mean", act="none", transpose=False):
     _same_device("wise_ffn", a, w_main=w_main, w_sides=w_sides, bias=bias, thresholds=thresholds,
                  token_mask=token_mask)
     batch, tokens = a.shape[0], a.shape[1]
@@ -161,7 +161,7 @@ def _wise_ffn_fake(a, w_main, w_sides, bias, thresholds, token_mask, reduce, act
 
 
 @torch.library.register_fake("wise_ext::routing_distance")
-def _routing_distance_fake(y_main, y_side, act):
+def _routing_distance_fake(y_main, y_side, act="none"):
     _same_device("routing_distance", y_main, y_side=y_side)
     return y_main.new_empty(y_main.shape[:-1], dtype=_score_dtype(y_main))
 

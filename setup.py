@@ -40,7 +40,7 @@ def extension():
     if cuda_wanted():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
-        nvcc = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
         return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx + ["-DWISE_EXT_CUDA"], "nvcc": nvcc}, **kwargs)
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
 

@@ -40,67 +40,50 @@ void for_each_delta(const Inputs<scalar_t>& in, int64_t b0, int64_t b1, const st
   }
 }
 
-// Fills states[k] with each tensor's magnitude threshold key.
+// Fills states[k] with each tensor's magnitude threshold key: two passes of
+// 16-bit digits, the second only for tensors the first did not resolve.
 template <typename scalar_t>
 void magnitude_thresholds(const Inputs<scalar_t>& in, int64_t n_keep, std::vector<wise::RadixState>& states) {
+  constexpr int kBits = 16, kBins = 1 << kBits;
   const int K = static_cast<int>(in.tensors.size());
-  if (n_keep <= 0 || n_keep >= in.numel) {
-    for (auto& s : states) {
-      s.keep_none = n_keep <= 0;
-      s.key = 0;
-      s.resolved = true;
-    }
-    return;
-  }
-  for (auto& s : states) s.rank = static_cast<uint64_t>(n_keep);
-  const int64_t nblocks = (in.numel + kBlock - 1) / kBlock;
-  const int threads = at::get_num_threads();
-  const size_t hist_size = static_cast<size_t>(K) * wise::kRadixBins;
-  std::vector<uint32_t> hist(static_cast<size_t>(threads) * hist_size);
-  std::vector<uint64_t> zeros(static_cast<size_t>(threads) * K, 0);
-
-  auto reduce_hist = [&](int k) {
-    std::vector<uint64_t> total(wise::kRadixBins, 0);
-    for (int t = 0; t < threads; ++t) {
-      const uint32_t* h = hist.data() + t * hist_size + static_cast<size_t>(k) * wise::kRadixBins;
-      for (int b = 0; b < wise::kRadixBins; ++b) total[b] += h[b];
-    }
-    return total;
-  };
-
-  std::vector<int> all(K);
-  for (int k = 0; k < K; ++k) all[k] = k;
-  at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
-    const int t = at::get_thread_num();
-    uint32_t* h = hist.data() + t * hist_size;
-    uint64_t* z = zeros.data() + static_cast<size_t>(t) * K;
-    for_each_delta(in, b0, b1, all, [&](int k, int64_t, float d) {
-      const uint32_t key = wise::abs_key(d);
-      ++h[static_cast<size_t>(k) * wise::kRadixBins + (key >> 16)];
-      z[k] += key == 0;
-    });
-  });
   std::vector<int> pending;
   for (int k = 0; k < K; ++k) {
-    uint64_t z = 0;
-    for (int t = 0; t < threads; ++t) z += zeros[static_cast<size_t>(t) * K + k];
-    std::vector<uint64_t> total = reduce_hist(k);
-    wise::radix_after_pass1(&states[k], total.data(), z);
+    states[k] = wise::radix_start(n_keep, in.numel);
     if (!states[k].resolved) pending.push_back(k);
   }
-  if (pending.empty()) return;
-
-  std::fill(hist.begin(), hist.end(), 0u);
-  at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
-    uint32_t* h = hist.data() + at::get_thread_num() * hist_size;
-    for_each_delta(in, b0, b1, pending, [&](int k, int64_t, float d) {
-      const uint32_t key = wise::abs_key(d);
-      if ((key >> 16) == states[k].prefix) ++h[static_cast<size_t>(k) * wise::kRadixBins + (key & 0xFFFFu)];
+  const int64_t nblocks = (in.numel + kBlock - 1) / kBlock;
+  const int threads = at::get_num_threads();
+  const size_t hist_size = static_cast<size_t>(K) * kBins;
+  std::vector<uint32_t> hist(static_cast<size_t>(threads) * hist_size);
+  std::vector<uint64_t> zeros(static_cast<size_t>(threads) * K);
+  for (int shift = 32 - kBits; shift >= 0 && !pending.empty(); shift -= kBits) {
+    std::fill(hist.begin(), hist.end(), 0u);
+    std::fill(zeros.begin(), zeros.end(), 0u);
+    at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
+      const int t = at::get_thread_num();
+      uint32_t* h = hist.data() + t * hist_size;
+      uint64_t* z = zeros.data() + static_cast<size_t>(t) * K;
+      for_each_delta(in, b0, b1, pending, [&](int k, int64_t, float d) {
+        const uint32_t key = wise::abs_key(d);
+        if (!wise::radix_in_bucket(key, states[k], shift + kBits)) return;
+        ++h[static_cast<size_t>(k) * kBins + ((key >> shift) & (kBins - 1))];
+        z[k] += key == 0;
+      });
     });
-  });
-  for (int k : pending) {
-    std::vector<uint64_t> total = reduce_hist(k);
-    wise::radix_after_pass2(&states[k], total.data());
+    std::vector<int> still;
+    std::vector<uint64_t> total(kBins);
+    for (int k : pending) {
+      std::fill(total.begin(), total.end(), 0u);
+      uint64_t z = 0;
+      for (int t = 0; t < threads; ++t) {
+        const uint32_t* h = hist.data() + t * hist_size + static_cast<size_t>(k) * kBins;
+        for (int b = 0; b < kBins; ++b) total[b] += h[b];
+        z += zeros[static_cast<size_t>(t) * K + k];
+      }
+      wise::radix_narrow(&states[k], total.data(), kBins, shift, z, shift == 32 - kBits);
+      if (!states[k].resolved) still.push_back(k);
+    }
+    pending.swap(still);
   }
 }
 
@@ -151,7 +134,7 @@ at::Tensor ties_merge_cpu(const at::Tensor& base, at::TensorList tensors, at::Ar
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "ties_merge_cpu", [&] {
     Inputs<scalar_t> in{base_c.const_data_ptr<scalar_t>(), {}, base_c.numel()};
     for (const auto& t : tensors_c) in.tensors.push_back(t.const_data_ptr<scalar_t>());
-    std::vector<wise::RadixState> states(tensors_c.size());
+    std::vector<wise::RadixState> states(tensors_c.size(), wise::RadixState{});
     if (plan.sparsify.method == wise::Sparsify::Magnitude) magnitude_thresholds(in, plan.n_keep, states);
     merge_pass(in, plan, states, out.mutable_data_ptr<scalar_t>());
   });

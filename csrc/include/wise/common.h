@@ -10,7 +10,24 @@
 #define WISE_HD inline
 #endif
 
+#if defined(__CUDA_ARCH__)
+#define WISE_UNROLL _Pragma("unroll")
+#else
+#define WISE_UNROLL
+#endif
+
 namespace wise {
+
+// Element conversions; csrc/cuda/dtype.cuh specialises them for CUDA's half
+// types, whose implicit conversions torch's build switches off.
+template <typename T>
+WISE_HD float to_float(T x) {
+  return static_cast<float>(x);
+}
+template <typename T>
+WISE_HD T from_float(float x) {
+  return static_cast<T>(x);
+}
 
 // The sign election must give the same answer on every device. nvcc would fuse
 // a*b+c into an FMA, which turns an exact cancellation into a tiny residue of

@@ -37,20 +37,25 @@ WISE_HD float sparsify_delta(float delta, const SparsifyParams& p, uint32_t key_
 // get(k) returns the k-th sparsified delta. A delta agrees with the elected
 // sign only when it is non-zero and of that sign (a trimmed entry never
 // counts); with Consensus::None every delta takes part. A zero divisor is 1.
-template <typename Get>
+// KMax > 0 promises K <= KMax, so GPU loops unroll and deltas stay in registers.
+template <int KMax = 0, typename Get>
 WISE_HD float disjoint_merge(int K, const float* weights, Consensus consensus, bool normalize, Get get) {
+  constexpr int kLimit = KMax > 0 ? KMax : 0x7FFFFFFF;
   float elect = 0.0f;
   if (consensus == Consensus::Sum) {
-    for (int k = 0; k < K; ++k) elect = add_rn(elect, mul_rn(weights[k], get(k)));
+WISE_UNROLL
+    for (int k = 0; k < kLimit && k < K; ++k) elect = add_rn(elect, mul_rn(weights[k], get(k)));
   } else if (consensus == Consensus::Count) {
-    for (int k = 0; k < K; ++k) {
+WISE_UNROLL
+    for (int k = 0; k < kLimit && k < K; ++k) {
       float d = get(k);
       elect = add_rn(elect, static_cast<float>((d > 0.0f) - (d < 0.0f)));
     }
   }
   const bool positive = elect >= 0.0f;
   float num = 0.0f, den = 0.0f;
-  for (int k = 0; k < K; ++k) {
+WISE_UNROLL
+  for (int k = 0; k < kLimit && k < K; ++k) {
     float d = get(k);
     bool agree = consensus == Consensus::None || (positive ? d > 0.0f : d < 0.0f);
     if (agree) {

@@ -24,14 +24,14 @@ WISE_HD void sgd_update_quad(T* w, const T* g, const T* w0, int64_t quad, int64_
   for (int e = 0; e < 4; ++e) {
     const int64_t i = quad * 4 + e;
     if (i >= n || !bernoulli(r.v[e], p.mask_ratio)) continue;
-    const float wi = static_cast<float>(w[i]);
-    const float step = mul_rn(p.lr, add_rn(static_cast<float>(g[i]), mul_rn(p.weight_decay, wi)));
+    const float wi = to_float(w[i]);
+    const float step = mul_rn(p.lr, add_rn(to_float(g[i]), mul_rn(p.weight_decay, wi)));
     float v = sub_rn(wi, step);
-    const float origin = static_cast<float>(w0[i]);
+    const float origin = to_float(w0[i]);
     const float lo = sub_rn(origin, p.bound), hi = add_rn(origin, p.bound);
     v = v < lo ? lo : v;
     v = v > hi ? hi : v;
-    w[i] = static_cast<T>(v);
+    w[i] = from_float<T>(v);
   }
 }
 

@@ -26,8 +26,10 @@ void check_float_tensor(const at::Tensor& t, const char* op, const std::string& 
 
 void check_device(const at::Tensor& t, const char* op, const std::string& name, c10::DeviceType device,
                   const at::Tensor& first) {
-  TORCH_CHECK_VALUE(t.device().type() == device && t.device() == first.device(), op, ": ", name, " is on ",
-                    t.device(), ", expected ", first.device(), " like the other inputs");
+  TORCH_CHECK_VALUE(t.device().type() == device, op, ": ", name, " is on ", t.device(), ", but this call runs on ",
+                    c10::DeviceTypeName(device, /*lower_case=*/true), ": move every input to one device");
+  TORCH_CHECK_VALUE(t.device() == first.device(), op, ": ", name, " is on ", t.device(), ", expected ",
+                    first.device(), " like the other inputs");
 }
 
 void check_same(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& name,

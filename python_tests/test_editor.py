@@ -1,0 +1,274 @@
+"""The editor on tiny Hugging Face models of each supported architecture."""
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+import wise_ext
+from wise_ext import WiseConfig, WiseEditor
+from wise_ext.demo import build_tokenizer
+from wise_ext.requests import EditRequest
+
+TEXTS = ["What is the capital of Veloria ? Tarsk Marrow", "Who wrote The Glass Orchard ? Edda Lorn Sten Arvo",
+         "The weather today is fine", "Which city is the capital of Veloria ?", "Where was Rennet Hale born ? Calder"]
+EDIT = EditRequest("What is the capital of Veloria ?", "Marrow", rephrase="Which city is the capital of Veloria ?",
+                   loc_prompt="Where was Rennet Hale born ?", loc_answer="Calder")
+EDIT2 = EditRequest("Who wrote The Glass Orchard ?", "Sten Arvo", loc_prompt="The weather today is")
+FAST = dict(n_iter=3, n_context_prefixes=1, act_margin=(0.5, 2.0, 1.0), edit_lr=2.0)
+
+ARCHS = {
+    "gpt2": (transformers.GPT2Config, dict(n_embd=32, n_layer=3, n_head=4, n_positions=64), "transformer.h.1.mlp.c_proj"),
+    "llama": (transformers.LlamaConfig, dict(hidden_size=32, intermediate_size=72, num_hidden_layers=3,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+              "model.layers.1.mlp.down_proj"),
+    "mistral": (transformers.MistralConfig, dict(hidden_size=32, intermediate_size=72, num_hidden_layers=3,
+                                                 num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=64), "model.layers.1.mlp.down_proj"),
+    "qwen2": (transformers.Qwen2Config, dict(hidden_size=32, intermediate_size=72, num_hidden_layers=3,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+              "model.layers.1.mlp.down_proj"),
+    "gptj": (transformers.GPTJConfig, dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, rotary_dim=4),
+             "transformer.h.1.mlp.fc_out"),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(TEXTS)
+
+
+def make_model(arch, tokenizer, seed=0):
+    cls, kwargs, _ = ARCHS[arch]
+    torch.manual_seed(seed)
+    cfg = cls(vocab_size=len(tokenizer), bos_token_id=2, eos_token_id=3, pad_token_id=0, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+def logits(model, tokenizer, texts):
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_default_layer_edit_save_load_detach(arch, tokenizer, tmp_path):
+    model = make_model(arch, tokenizer)
+    base = logits(model, tokenizer, TEXTS)
+    editor = WiseEditor(model, tokenizer, WiseConfig(**FAST))
+    assert editor.layer_name == ARCHS[arch][2]
+    assert torch.equal(logits(model, tokenizer, TEXTS), base)  # no memory yet: the base model exactly
+    editor.edit_many([EDIT, EDIT2])
+    assert editor.layer.num_memories == 1 and torch.isfinite(editor.layer.thresholds).all()
+    editor.layer.set_threshold(0, 0.0)  # route everything to the side memory: edits must show
+    edited = logits(model, tokenizer, TEXTS)
+    assert not torch.equal(edited, base)
+    editor.save_pretrained(str(tmp_path))
+
+    fresh = make_model(arch, tokenizer)
+    wise_ext.attach(fresh, str(tmp_path))
+    assert torch.equal(logits(fresh, tokenizer, TEXTS), edited)
+    wise_ext.detach(fresh)
+    assert torch.equal(logits(fresh, tokenizer, TEXTS), base)
+
+    editor.detach()
+    assert torch.equal(logits(model, tokenizer, TEXTS), base)
+
+
+def test_from_pretrained_continues_editing(tokenizer, tmp_path):
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(save_freq=2, merge_freq=4, **FAST))
+    editor.edit(EDIT)
+    editor.save_pretrained(str(tmp_path))
+    again = WiseEditor.from_pretrained(make_model("llama", tokenizer), str(tmp_path), tokenizer)
+    assert again.state == editor.state and again.config == editor.config
+    assert torch.equal(again.layer.memories, editor.layer.memories)
+    again.edit(EDIT2)
+    editor.edit(EDIT2)
+    assert torch.equal(again.layer.memories, editor.layer.memories)
+
+
+def test_batch_routes_each_sequence_on_its_own(tokenizer):
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(**FAST))
+    editor.edit(EDIT)
+    texts = [EDIT.prompt, "The weather today is fine", EDIT2.prompt]
+    logits(model, tokenizer, texts)
+    scores = editor.layer.last_scores[:, 0]
+    # A threshold between the scores: some sequences go to the side memory, some stay on the main one.
+    ordered = scores.sort().values
+    editor.layer.set_threshold(0, float(ordered[0] + ordered[1]) / 2)
+    together = logits(model, tokenizer, texts)
+    choice = editor.layer.last_choice.tolist()
+    assert -1 in choice and 0 in choice
+    for i, text in enumerate(texts):
+        alone = logits(model, tokenizer, [text])
+        n = alone.shape[1]
+        torch.testing.assert_close(together[i, :n], alone[0], rtol=1e-4, atol=1e-5)
+        assert editor.layer.last_choice.item() == choice[i]
+
+
+def test_padding_does_not_change_routing(tokenizer):
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(**FAST))
+    editor.edit(EDIT)
+    logits(model, tokenizer, [EDIT.prompt])
+    alone = editor.layer.last_scores.clone()
+    tokenizer.padding_side = "left"
+    try:
+        logits(model, tokenizer, [EDIT.prompt, TEXTS[1] + " " + TEXTS[4]])
+    finally:
+        tokenizer.padding_side = "right"
+    torch.testing.assert_close(editor.layer.last_scores[0], alone[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("retrieve", [False, True])
+def test_shards_merges_and_thresholds_over_a_stream(retrieve, tokenizer):
+    model = make_model("gpt2", tokenizer)
+    cfg = WiseConfig(save_freq=2, merge_freq=2 if retrieve else 4, retrieve=retrieve, **FAST)
+    editor = WiseEditor(model, tokenizer, cfg)
+    stream = [EDIT, EDIT2] * 3  # 6 edits
+    for n, req in enumerate(stream, 1):
+        editor.edit(req)
+        s = editor.state
+        assert s.n_edits == n
+        assert editor.layer.num_memories == len(s.min_scores)
+        assert torch.allclose(editor.layer.thresholds,
+                              torch.tensor([cfg.act_ratio * m for m in s.min_scores], dtype=torch.float32))
+    s = editor.state
+    if retrieve:
+        assert len(s.retrieved) == 3 and s.shards == [] and editor.layer.num_memories == 3
+    else:
+        # merges after edits 4; edits 5-6 form a shard on top of the merged memory
+        assert s.merged is not None and len(s.shards) == 1 and editor.layer.num_memories == 2
+    assert s.n_shards == 3
+
+
+def test_two_shards_merge_into_one_memory(tokenizer, monkeypatch):
+    calls = []
+    real = wise_ext.ops.ties_merge
+
+    def spy(base, tensors, *args):
+        calls.append(([t.clone() for t in tensors], real(base, tensors, *args)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(wise_ext.ops, "ties_merge", spy)
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(save_freq=1, merge_freq=2, **FAST))
+    editor.edit(EDIT)
+    editor.edit(EDIT2)  # the second edit starts a second shard, then both merge
+    assert editor.layer.num_memories == 1 and editor.state.merged == 0 and editor.state.shards == []
+    (shards, merged), = calls
+    assert len(shards) == 2 and not torch.equal(shards[0], shards[1])
+    assert torch.equal(editor.layer.memories[0], merged)
+
+
+def test_generate_with_kv_cache_and_sticky_routing(tokenizer):
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(sticky_routing=True, **FAST))
+    editor.edit(EDIT)
+    editor.layer.set_threshold(0, 0.0)
+    batch = tokenizer([EDIT.prompt], return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    assert editor.layer.last_choice.tolist() == [0]
+    # With sticky routing the generated tokens follow the prompt's memory: the same as routing every step to it.
+    editor.layer.sticky_routing = False
+    again = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, again)
+
+
+def test_easyedit_yaml_loads(tmp_path):
+    path = tmp_path / "llama-7b.yaml"
+    path.write_text(
+        "alg_name: \"WISE\"\nmodel_name: \"./hugging_cache/llama-2-7b\"\ndevice: 0\n"
+        "mask_ratio: 0.2\nedit_lr: 1.0\nn_iter: 70\nnorm_constraint: 1.0\nact_margin: [5.0, 20.0, 10.0]\n"
+        "act_ratio: 0.88\nsave_freq: 500\nmerge_freq: 1000\nmerge_alg: 'ties'\nobjective_optimization: 'only_label'\n"
+        "inner_params:\n- model.layers[27].mlp.down_proj.weight\nweights: 1.0\ndensities: 0.53\n"
+        "retrieve: True\nreplay: False\nmodel_parallel: false\n")
+    cfg = WiseConfig.from_yaml(str(path))
+    assert cfg.layer == "model.layers.27.mlp.down_proj"
+    assert cfg.act_margin == (5.0, 20.0, 10.0) and cfg.density == 0.53 and cfg.retrieve and cfg.merge_freq == 1000
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mask_ratio: 0.2\nlearning_rate_typo: 3\n")
+    with pytest.raises(ValueError, match="learning_rate_typo"):
+        WiseConfig.from_yaml(str(bad))
+
+
+def test_bad_requests_change_nothing(tokenizer, tmp_path):
+    model = make_model("llama", tokenizer)
+    with pytest.raises(ValueError, match="layer 'model.layers.9.mlp.down_proj' does not exist"):
+        WiseEditor(model, tokenizer, WiseConfig(layer="model.layers.9.mlp.down_proj"))
+    editor = WiseEditor(model, tokenizer, WiseConfig(**FAST))
+    with pytest.raises(ValueError, match="target_new is empty"):
+        editor.edit({"prompt": "What is the capital of Veloria ?", "target_new": " "})
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        editor.edit(EditRequest(" ".join(["Veloria"] * 80), "Marrow"))
+    assert editor.layer.num_memories == 0 and editor.state.n_edits == 0
+    editor.edit(EDIT)
+    editor.save_pretrained(str(tmp_path))
+    other = make_model("gpt2", tokenizer)
+    with pytest.raises(ValueError, match="does not exist|model_type"):
+        wise_ext.attach(other, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a wise-ext checkpoint"):
+        wise_ext.attach(make_model("llama", tokenizer), str(tmp_path / "missing"))
+
+
+def test_checkpoint_is_safetensors_and_json(tokenizer, tmp_path):
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(**FAST))
+    editor.edit(EDIT)
+    editor.save_pretrained(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["wise_config.json", "wise_memories.safetensors"]
+    meta = json.loads((tmp_path / "wise_config.json").read_text())
+    assert meta["layer"] == editor.layer_name and meta["state"]["n_edits"] == 1
+
+
+def test_evaluate_reports_rel_gen_loc(tokenizer):
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(**FAST))
+    before = editor.evaluate([EDIT])
+    assert before["loc"] == 1.0  # nothing edited: locality is perfect by definition
+    editor.edit(EDIT)
+    editor.layer.set_threshold(0, 0.0)
+    after = editor.evaluate([EDIT])
+    assert set(after) >= {"rel", "gen", "loc"} and 0 <= after["rel"] <= 1 and 0 <= after["loc"] <= 1
+
+
+ZSRE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "zsre", "zsre_mend_eval.json")
+
+
+@pytest.mark.skipif(not os.path.exists(ZSRE), reason="needs ../shared/data/zsre")
+def test_cli_edit_and_eval_on_zsre_records(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from wise_ext.cli import main
+    from wise_ext.requests import load_requests
+
+    records = load_requests(ZSRE, 3)
+    texts = [t for r in records for t in (r.prompt, r.target_new, r.rephrase, r.loc_prompt, r.loc_answer)]
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[BOS]"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, bos_token_id=2, pad_token_id=0))
+    model_dir, ckpt = tmp_path / "model", tmp_path / "ckpt"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = tmp_path / "wise.yaml"
+    config.write_text("n_iter: 2\nn_context_prefixes: 1\nsave_freq: 1\nmerge_freq: 2\n")
+    assert main(["edit", "--model", str(model_dir), "--data", ZSRE, "--config", str(config), "--num-edits", "3",
+                 "--out", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "Rel" in out and "Loc" in out and "sec/edit" in out
+    assert main(["eval", "--model", str(model_dir), "--checkpoint", str(ckpt), "--data", ZSRE, "--num-edits", "3",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n"] == 3 and 0 <= metrics["rel"] <= 1
+    assert main(["eval", "--model", str(model_dir), "--checkpoint", str(tmp_path / "nope"), "--data", ZSRE]) == 2

@@ -1,0 +1,133 @@
+"""WiseConfig: every knob of a WISE edit run, with EasyEdit's WISE hparams as defaults."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .ops import ACTIVATIONS
+
+MERGE_METHODS = {
+    # name: (sparsify, consensus)
+    "ties": ("magnitude", "sum"),
+    "dare_ties": ("rescaled_random", "sum"),
+    "dare": ("rescaled_random", "none"),
+    "magnitude": ("magnitude", "none"),
+    "sign": ("none", "sum"),
+    "linear": ("none", "none"),
+}
+
+
+@dataclass
+class WiseConfig:
+    """Settings of WISE editing. Names follow EasyEdit's WISE hparams where one exists."""
+
+    layer: Optional[str] = None            # e.g. "model.layers.27.mlp.down_proj"; None: a default per model
+    mask_ratio: float = 0.2                # rho: fraction of the side memory one shard trains
+    edit_lr: float = 1.0
+    n_iter: int = 70
+    norm_constraint: float = 1.0           # bound on |w_side - w_start| per entry
+    weight_decay: float = 0.0
+    act_margin: tuple = (5.0, 20.0, 10.0)  # alpha (unrelated <=), beta (edited >=), gamma (gap >=)
+    act_ratio: float = 0.88                # threshold = act_ratio * the smallest edited score
+    save_freq: int = 500                   # edits per shard
+    merge_freq: int = 1000                 # edits between merges
+    merge_alg: str = "ties"
+    density: float = 0.53
+    merge_weights: Optional[list] = None   # per shard; None: equal
+    retrieve: bool = False                 # False: WISE-Merge; True: WISE-Retrieve
+    replay: bool = False                   # retrieve mode: replay earlier edits into each new memory
+    routing_act: str = "model"             # "model": the model's own activation (EasyEdit); or one of ACTIVATIONS
+    token_reduce: str = "auto"             # mean | max | auto (max past 100 tokens)
+    sticky_routing: bool = False           # generate(): keep the prompt's routing for generated tokens
+    n_context_prefixes: int = 4            # context-prefixed copies of each edit prompt
+    early_stop_loss: float = 0.01
+    seed: int = 0
+    unrelated_prompt: str = "The weather today is"  # margin loss reference when a request has no loc_prompt
+
+    def __post_init__(self):
+        self.act_margin = tuple(float(x) for x in self.act_margin)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, what: str):
+            if not ok:
+                raise ValueError(f"WiseConfig.{name} {what}, got {getattr(self, name)!r}")
+
+        need(0 < self.mask_ratio <= 1, "mask_ratio", "must be in (0, 1]")
+        need(self.edit_lr > 0, "edit_lr", "must be > 0")
+        need(isinstance(self.n_iter, int) and self.n_iter >= 1, "n_iter", "must be an integer >= 1")
+        need(self.norm_constraint >= 0, "norm_constraint", "must be >= 0")
+        need(len(self.act_margin) == 3, "act_margin", "must be (alpha, beta, gamma)")
+        need(0 < self.act_ratio <= 1, "act_ratio", "must be in (0, 1]")
+        need(self.save_freq >= 1, "save_freq", "must be >= 1")
+        need(self.merge_freq >= 1 and self.merge_freq % self.save_freq == 0, "merge_freq",
+             f"must be a positive multiple of save_freq ({self.save_freq})")
+        need(self.merge_alg in MERGE_METHODS, "merge_alg", f"must be one of {sorted(MERGE_METHODS)}")
+        need(0 < self.density <= 1, "density", "must be in (0, 1]")
+        need(self.routing_act == "model" or self.routing_act in ACTIVATIONS, "routing_act",
+             f"must be 'model' or one of {ACTIVATIONS}")
+        need(self.token_reduce in ("mean", "max", "auto"), "token_reduce", "must be mean, max or auto")
+        need(self.n_context_prefixes >= 0, "n_context_prefixes", "must be >= 0")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["act_margin"] = list(self.act_margin)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WiseConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"WiseConfig: unknown keys {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides: Any) -> "WiseConfig":
+        """Reads a wise-ext YAML, or an EasyEdit WISE hparams file (same keys as EasyEdit's)."""
+        import yaml
+
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of hparams")
+        return cls.from_dict({**_from_easyedit(raw), **overrides})
+
+
+# EasyEdit key -> WiseConfig key; keys EasyEdit uses for things outside the algorithm are dropped.
+_EASYEDIT_KEYS = {
+    "mask_ratio": "mask_ratio", "edit_lr": "edit_lr", "n_iter": "n_iter", "norm_constraint": "norm_constraint",
+    "act_margin": "act_margin", "act_ratio": "act_ratio", "save_freq": "save_freq", "merge_freq": "merge_freq",
+    "merge_alg": "merge_alg", "densities": "density", "retrieve": "retrieve", "replay": "replay",
+}
+_EASYEDIT_IGNORED = {"alg_name", "model_name", "device", "objective_optimization", "model_parallel",
+                     "use_chat_template", "batch_size", "max_length", "weights", "sequential_edit"}
+
+
+def _from_easyedit(raw: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(WiseConfig)}
+    out = {}
+    for key, value in raw.items():
+        if key == "inner_params":
+            params = value if isinstance(value, list) else [value]
+            # "model.layers[27].mlp.down_proj.weight" -> "model.layers.27.mlp.down_proj"
+            out["layer"] = re.sub(r"\[(\d+)\]", r".\1", params[0]).removesuffix(".weight")
+        elif key == "weights" and isinstance(value, list):
+            out["merge_weights"] = value
+        elif key in _EASYEDIT_KEYS:
+            out[_EASYEDIT_KEYS[key]] = value
+        elif key in names:
+            out[key] = value
+        elif key not in _EASYEDIT_IGNORED:
+            raise ValueError(f"unknown WISE hparam {key!r}")
+    if out.get("merge_freq") and out.get("save_freq") and out["merge_freq"] % out["save_freq"]:
+        # EasyEdit accepts any pair; a merge then closes the shard in progress. Round to the next multiple.
+        out["merge_freq"] = -(-out["merge_freq"] // out["save_freq"]) * out["save_freq"]
+    return out
+
+
+def dumps(config: WiseConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

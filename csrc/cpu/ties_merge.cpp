@@ -1,7 +1,8 @@
 // CPU ties_merge: exact per-tensor magnitude thresholds by radix select over
 // the float bits (one or two histogram passes that read base and the K tensors
 // together), then one fused pass that writes the merged tensor. Work proceeds
-// in blocks small enough to stay in cache, so nothing of size K x numel exists.
+// in blocks small enough to stay in cache, so nothing of size K x numel exists,
+// and each step is a simple loop over a block that the compiler vectorises.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,7 +16,7 @@
 namespace wise_ext {
 namespace {
 
-constexpr int64_t kBlock = 1024;  // elements per block; a multiple of 4 for the Philox words
+constexpr int64_t kBlock = 2048;  // elements per block; a multiple of 4 for the Philox words
 
 template <typename scalar_t>
 struct Inputs {
@@ -24,24 +25,13 @@ struct Inputs {
   int64_t numel;
 };
 
-// Calls fn(k, i, delta) for every tensor k and element i of blocks [b0, b1),
-// with base converted once per block.
-template <typename scalar_t, typename Fn>
-void for_each_delta(const Inputs<scalar_t>& in, int64_t b0, int64_t b1, const std::vector<int>& which, Fn fn) {
-  float base_buf[kBlock];
-  for (int64_t blk = b0; blk < b1; ++blk) {
-    const int64_t start = blk * kBlock;
-    const int64_t len = std::min(kBlock, in.numel - start);
-    for (int64_t i = 0; i < len; ++i) base_buf[i] = static_cast<float>(in.base[start + i]);
-    for (int k : which) {
-      const scalar_t* t = in.tensors[k] + start;
-      for (int64_t i = 0; i < len; ++i) fn(k, start + i, static_cast<float>(t[i]) - base_buf[i]);
-    }
-  }
+template <typename scalar_t>
+void load_block(const scalar_t* src, int64_t len, float* dst) {
+  for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// Fills states[k] with each tensor's magnitude threshold key: two passes of
-// 16-bit digits, the second only for tensors the first did not resolve.
+// Fills states[k] with each tensor's magnitude threshold key: passes of 16-bit
+// digits, each only over the tensors the earlier passes did not resolve.
 template <typename scalar_t>
 void magnitude_thresholds(const Inputs<scalar_t>& in, int64_t n_keep, std::vector<wise::RadixState>& states) {
   constexpr int kBits = 16, kBins = 1 << kBits;
@@ -59,16 +49,33 @@ void magnitude_thresholds(const Inputs<scalar_t>& in, int64_t n_keep, std::vecto
   for (int shift = 32 - kBits; shift >= 0 && !pending.empty(); shift -= kBits) {
     std::fill(hist.begin(), hist.end(), 0u);
     std::fill(zeros.begin(), zeros.end(), 0u);
-    at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, nblocks, 8, [&](int64_t b0, int64_t b1) {
       const int t = at::get_thread_num();
-      uint32_t* h = hist.data() + t * hist_size;
-      uint64_t* z = zeros.data() + static_cast<size_t>(t) * K;
-      for_each_delta(in, b0, b1, pending, [&](int k, int64_t, float d) {
-        const uint32_t key = wise::abs_key(d);
-        if (!wise::radix_in_bucket(key, states[k], shift + kBits)) return;
-        ++h[static_cast<size_t>(k) * kBins + ((key >> shift) & (kBins - 1))];
-        z[k] += key == 0;
-      });
+      std::vector<float> base_buf(kBlock);
+      std::vector<uint32_t> keys(kBlock);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t start = blk * kBlock, len = std::min(kBlock, in.numel - start);
+        load_block(in.base + start, len, base_buf.data());
+        for (int k : pending) {
+          const scalar_t* src = in.tensors[k] + start;
+          const uint32_t high = shift + kBits >= 32 ? 0u : states[k].prefix >> (shift + kBits);
+          const int above = shift + kBits;
+          // Keys of this tensor's block that fall in its bucket; exact zeros are only counted, since
+          // a sparse shard has mostly zeros and incrementing one bin for each would serialise the loop.
+          int64_t n = 0, z = 0;
+          for (int64_t i = 0; i < len; ++i) {
+            const uint32_t key = wise::abs_key(static_cast<float>(src[i]) - base_buf[i]);
+            const bool in_bucket = above >= 32 || (key >> above) == high;
+            z += in_bucket & (key == 0);
+            keys[n] = key;
+            n += in_bucket & (key != 0);
+          }
+          uint32_t* h = hist.data() + t * hist_size + static_cast<size_t>(k) * kBins;
+          for (int64_t i = 0; i < n; ++i) ++h[(keys[i] >> shift) & (kBins - 1)];
+          h[0] += static_cast<uint32_t>(z);
+          zeros[static_cast<size_t>(t) * K + k] += z;
+        }
+      }
     });
     std::vector<int> still;
     std::vector<uint64_t> total(kBins);
@@ -92,31 +99,49 @@ void merge_pass(const Inputs<scalar_t>& in, const TiesMergePlan& plan, const std
                 scalar_t* out) {
   const int K = static_cast<int>(in.tensors.size());
   const int64_t nblocks = (in.numel + kBlock - 1) / kBlock;
+  const float* w = plan.weights.data();
+  const wise::Consensus consensus = plan.consensus;
+  const wise::SparsifyParams sp = plan.sparsify;
+  const bool random = sp.method == wise::Sparsify::Random || sp.method == wise::Sparsify::RescaledRandom;
   at::parallel_for(0, nblocks, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<float> base_buf(kBlock), delta(kBlock), elect(kBlock), num(kBlock), den(kBlock);
     std::vector<float> kept(static_cast<size_t>(K) * kBlock);
-    std::vector<float> base_buf(kBlock);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t start = blk * kBlock;
-      const int64_t len = std::min(kBlock, in.numel - start);
-      for (int64_t i = 0; i < len; ++i) base_buf[i] = static_cast<float>(in.base[start + i]);
+      const int64_t start = blk * kBlock, len = std::min(kBlock, in.numel - start);
+      load_block(in.base + start, len, base_buf.data());
       for (int k = 0; k < K; ++k) {
-        const scalar_t* t = in.tensors[k] + start;
-        float* dst = kept.data() + static_cast<size_t>(k) * kBlock;
-        wise::Philox4 words{{0, 0, 0, 0}};
-        for (int64_t i = 0; i < len; ++i) {
-          const int64_t idx = start + i;
-          if ((idx & 3) == 0 && plan.sparsify.method != wise::Sparsify::Magnitude &&
-              plan.sparsify.method != wise::Sparsify::None)
-            words = wise::philox_block(plan.sparsify.seed, static_cast<uint32_t>(k), static_cast<uint64_t>(idx >> 2));
-          dst[i] = wise::sparsify_delta(static_cast<float>(t[i]) - base_buf[i], plan.sparsify, states[k].key,
-                                        states[k].keep_none, words.v[idx & 3]);
+        float* d = kept.data() + static_cast<size_t>(k) * kBlock;
+        const scalar_t* src = in.tensors[k] + start;
+        for (int64_t i = 0; i < len; ++i) delta[i] = static_cast<float>(src[i]) - base_buf[i];
+        if (random) {
+          for (int64_t q = 0; q < len; q += 4) {
+            const wise::Philox4 r = wise::philox_block(sp.seed, static_cast<uint32_t>(k),
+                                                       static_cast<uint64_t>((start + q) >> 2));
+            for (int64_t e = 0; e < 4 && q + e < len; ++e)
+              d[q + e] = wise::sparsify_delta(delta[q + e], sp, 0u, false, r.v[e]);
+          }
+        } else {
+          const uint32_t key = states[k].key;
+          const bool none = states[k].keep_none != 0;
+          for (int64_t i = 0; i < len; ++i) d[i] = wise::sparsify_delta(delta[i], sp, key, none, 0u);
         }
       }
-      for (int64_t i = 0; i < len; ++i) {
-        const float merged = wise::disjoint_merge(K, plan.weights.data(), plan.consensus, plan.normalize,
-                                                  [&](int k) { return kept[static_cast<size_t>(k) * kBlock + i]; });
-        out[start + i] = static_cast<scalar_t>(base_buf[i] + merged);
+      std::fill_n(elect.data(), len, 0.0f);
+      if (consensus != wise::Consensus::None) {
+        for (int k = 0; k < K; ++k) {
+          const float* d = kept.data() + static_cast<size_t>(k) * kBlock;
+          for (int64_t i = 0; i < len; ++i) elect[i] = wise::elect_step(elect[i], w[k], d[i], consensus);
+        }
       }
+      std::fill_n(num.data(), len, 0.0f);
+      std::fill_n(den.data(), len, 0.0f);
+      for (int k = 0; k < K; ++k) {
+        const float* d = kept.data() + static_cast<size_t>(k) * kBlock;
+        for (int64_t i = 0; i < len; ++i)
+          wise::mean_step(&num[i], &den[i], w[k], d[i], wise::agrees(d[i], elect[i], consensus));
+      }
+      for (int64_t i = 0; i < len; ++i)
+        out[start + i] = static_cast<scalar_t>(base_buf[i] + wise::mean_finish(num[i], den[i], plan.normalize));
     }
   });
 }

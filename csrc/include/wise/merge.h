@@ -34,37 +34,48 @@ WISE_HD float sparsify_delta(float delta, const SparsifyParams& p, uint32_t key_
   }
 }
 
-// get(k) returns the k-th sparsified delta. A delta agrees with the elected
-// sign only when it is non-zero and of that sign (a trimmed entry never
-// counts); with Consensus::None every delta takes part. A zero divisor is 1.
-// KMax > 0 promises K <= KMax, so GPU loops unroll and deltas stay in registers.
+// The election and the disjoint mean, one entry and one delta at a time. A
+// delta agrees with the elected sign only when it is non-zero and of that sign
+// (a trimmed entry never counts); with Consensus::None every delta takes part.
+// GPU threads compose these per entry (disjoint_merge below); the CPU kernel
+// runs each as a loop over a block of entries, in the same order of fp32 ops.
+WISE_HD float elect_step(float elect, float weight, float delta, Consensus consensus) {
+  const float term = consensus == Consensus::Sum ? mul_rn(weight, delta)
+                                                 : static_cast<float>((delta > 0.0f) - (delta < 0.0f));
+  return add_rn(elect, term);
+}
+
+WISE_HD bool agrees(float delta, float elect, Consensus consensus) {
+  return consensus == Consensus::None || (elect >= 0.0f ? delta > 0.0f : delta < 0.0f);
+}
+
+WISE_HD void mean_step(float* num, float* den, float weight, float delta, bool agree) {
+  *num = agree ? add_rn(*num, mul_rn(weight, delta)) : *num;
+  *den = agree ? add_rn(*den, weight) : *den;
+}
+
+// A zero divisor counts as 1.
+WISE_HD float mean_finish(float num, float den, bool normalize) {
+  return normalize ? div_rn(num, den == 0.0f ? 1.0f : den) : num;
+}
+
+// get(k) returns the k-th sparsified delta. KMax > 0 promises K <= KMax, so GPU
+// loops unroll and the deltas stay in registers.
 template <int KMax = 0, typename Get>
 WISE_HD float disjoint_merge(int K, const float* weights, Consensus consensus, bool normalize, Get get) {
   constexpr int kLimit = KMax > 0 ? KMax : 0x7FFFFFFF;
   float elect = 0.0f;
-  if (consensus == Consensus::Sum) {
-WISE_UNROLL
-    for (int k = 0; k < kLimit && k < K; ++k) elect = add_rn(elect, mul_rn(weights[k], get(k)));
-  } else if (consensus == Consensus::Count) {
-WISE_UNROLL
-    for (int k = 0; k < kLimit && k < K; ++k) {
-      float d = get(k);
-      elect = add_rn(elect, static_cast<float>((d > 0.0f) - (d < 0.0f)));
-    }
+  if (consensus != Consensus::None) {
+    WISE_UNROLL
+    for (int k = 0; k < kLimit && k < K; ++k) elect = elect_step(elect, weights[k], get(k), consensus);
   }
-  const bool positive = elect >= 0.0f;
   float num = 0.0f, den = 0.0f;
-WISE_UNROLL
+  WISE_UNROLL
   for (int k = 0; k < kLimit && k < K; ++k) {
-    float d = get(k);
-    bool agree = consensus == Consensus::None || (positive ? d > 0.0f : d < 0.0f);
-    if (agree) {
-      num = add_rn(num, mul_rn(weights[k], d));
-      den = add_rn(den, weights[k]);
-    }
+    const float d = get(k);
+    mean_step(&num, &den, weights[k], d, agrees(d, elect, consensus));
   }
-  if (!normalize) return num;
-  return div_rn(num, den == 0.0f ? 1.0f : den);
+  return mean_finish(num, den, normalize);
 }
 
 }  // namespace wise

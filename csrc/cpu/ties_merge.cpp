@@ -120,10 +120,13 @@ void merge_pass(const Inputs<scalar_t>& in, const TiesMergePlan& plan, const std
             for (int64_t e = 0; e < 4 && q + e < len; ++e)
               d[q + e] = wise::sparsify_delta(delta[q + e], sp, 0u, false, r.v[e]);
           }
+        } else if (sp.method == wise::Sparsify::None) {
+          std::copy_n(delta.data(), len, d);
+        } else if (states[k].keep_none) {
+          std::fill_n(d, len, 0.0f);
         } else {
           const uint32_t key = states[k].key;
-          const bool none = states[k].keep_none != 0;
-          for (int64_t i = 0; i < len; ++i) d[i] = wise::sparsify_delta(delta[i], sp, key, none, 0u);
+          for (int64_t i = 0; i < len; ++i) d[i] = wise::trim_magnitude(delta[i], key);
         }
       }
       std::fill_n(elect.data(), len, 0.0f);
@@ -136,9 +139,15 @@ void merge_pass(const Inputs<scalar_t>& in, const TiesMergePlan& plan, const std
       std::fill_n(num.data(), len, 0.0f);
       std::fill_n(den.data(), len, 0.0f);
       for (int k = 0; k < K; ++k) {
-        const float* d = kept.data() + static_cast<size_t>(k) * kBlock;
-        for (int64_t i = 0; i < len; ++i)
-          wise::mean_step(&num[i], &den[i], w[k], d[i], wise::agrees(d[i], elect[i], consensus));
+        const float* __restrict d = kept.data() + static_cast<size_t>(k) * kBlock;
+        const float* __restrict e = elect.data();
+        float* __restrict nu = num.data();
+        float* __restrict de = den.data();
+        for (int64_t i = 0; i < len; ++i) {
+          const bool agree = wise::agrees(d[i], e[i], consensus);
+          nu[i] = wise::mean_num_step(nu[i], w[k], d[i], agree);
+          de[i] = wise::mean_den_step(de[i], w[k], agree);
+        }
       }
       for (int64_t i = 0; i < len; ++i)
         out[start + i] = static_cast<scalar_t>(base_buf[i] + wise::mean_finish(num[i], den[i], plan.normalize));

@@ -18,13 +18,18 @@ struct SparsifyParams {
   uint64_t seed;
 };
 
+// Magnitude trim: keep the entries whose |delta| key reaches the threshold key.
+WISE_HD float trim_magnitude(float delta, uint32_t key_threshold) {
+  return abs_key(delta) >= key_threshold ? delta : 0.0f;
+}
+
 // key_threshold and keep_none come from the tensor's RadixState; rand_word is
 // the Philox word of (seed, k, index), used only by the random methods.
 WISE_HD float sparsify_delta(float delta, const SparsifyParams& p, uint32_t key_threshold, bool keep_none,
                              uint32_t rand_word) {
   switch (p.method) {
     case Sparsify::Magnitude:
-      return (!keep_none && abs_key(delta) >= key_threshold) ? delta : 0.0f;
+      return keep_none ? 0.0f : trim_magnitude(delta, key_threshold);
     case Sparsify::Random:
       return bernoulli(rand_word, p.density) ? delta : 0.0f;
     case Sparsify::RescaledRandom:
@@ -40,18 +45,22 @@ WISE_HD float sparsify_delta(float delta, const SparsifyParams& p, uint32_t key_
 // GPU threads compose these per entry (disjoint_merge below); the CPU kernel
 // runs each as a loop over a block of entries, in the same order of fp32 ops.
 WISE_HD float elect_step(float elect, float weight, float delta, Consensus consensus) {
-  const float term = consensus == Consensus::Sum ? mul_rn(weight, delta)
-                                                 : static_cast<float>((delta > 0.0f) - (delta < 0.0f));
-  return add_rn(elect, term);
+  const float sign = (delta > 0.0f ? 1.0f : 0.0f) - (delta < 0.0f ? 1.0f : 0.0f);
+  return add_rn(elect, consensus == Consensus::Sum ? mul_rn(weight, delta) : sign);
 }
 
 WISE_HD bool agrees(float delta, float elect, Consensus consensus) {
-  return consensus == Consensus::None || (elect >= 0.0f ? delta > 0.0f : delta < 0.0f);
+  const bool positive = elect >= 0.0f;
+  return (consensus == Consensus::None) | (positive & (delta > 0.0f)) | (!positive & (delta < 0.0f));
 }
 
-WISE_HD void mean_step(float* num, float* den, float weight, float delta, bool agree) {
-  *num = agree ? add_rn(*num, mul_rn(weight, delta)) : *num;
-  *den = agree ? add_rn(*den, weight) : *den;
+// Adding a selected zero rather than skipping the addition keeps the loops free
+// of data-dependent branches; x + 0 is x (up to the sign of a zero).
+WISE_HD float mean_num_step(float num, float weight, float delta, bool agree) {
+  return add_rn(num, agree ? mul_rn(weight, delta) : 0.0f);
+}
+WISE_HD float mean_den_step(float den, float weight, bool agree) {
+  return add_rn(den, agree ? weight : 0.0f);
 }
 
 // A zero divisor counts as 1.
@@ -73,7 +82,9 @@ WISE_HD float disjoint_merge(int K, const float* weights, Consensus consensus, b
   WISE_UNROLL
   for (int k = 0; k < kLimit && k < K; ++k) {
     const float d = get(k);
-    mean_step(&num, &den, weights[k], d, agrees(d, elect, consensus));
+    const bool agree = agrees(d, elect, consensus);
+    num = mean_num_step(num, weights[k], d, agree);
+    den = mean_den_step(den, weights[k], agree);
   }
   return mean_finish(num, den, normalize);
 }

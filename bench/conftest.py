@@ -3,18 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
-
-
-def pytest_configure(config):
-    # Benchmarks report medians of several rounds; one thread pool setting for all.
-    torch.manual_seed(0)
-
-
-@pytest.fixture(scope="session")
-def threads():
-    return torch.get_num_threads()
 
 
 _RSS = """

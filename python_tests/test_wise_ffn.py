@@ -6,7 +6,7 @@ import wise_ext
 from wise_ext import reference as ref
 from wise_ext.ops import ACTIVATIONS
 
-from conftest import noncontiguous_copy, randn
+from conftest import randn
 
 
 def layer_inputs(gen, dtype, device, batch=4, tokens=9, hidden=24, out=19, memories=2, transpose=False,

@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Optional
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import WiseConfig
 from .layer import WiseLayer, bind_attention_mask
-from .surgery import get_module, model_activation, model_fingerprint, set_module
+from .surgery import get_module, model_fingerprint, set_module
 
 FORMAT = "wise-ext/1"
 TENSORS = "wise_memories.safetensors"

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from .ops import ACTIVATIONS
@@ -128,6 +127,3 @@ def _from_easyedit(raw: dict) -> dict:
         out["merge_freq"] = -(-out["merge_freq"] // out["save_freq"]) * out["save_freq"]
     return out
 
-
-def dumps(config: WiseConfig) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

@@ -1,7 +1,6 @@
 """Finding and swapping the edited module inside a Hugging Face model."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn

@@ -58,14 +58,13 @@ void magnitude_thresholds(const Inputs<scalar_t>& in, int64_t n_keep, std::vecto
         load_block(in.base + start, len, base_buf.data());
         for (int k : pending) {
           const scalar_t* src = in.tensors[k] + start;
-          const uint32_t high = shift + kBits >= 32 ? 0u : states[k].prefix >> (shift + kBits);
-          const int above = shift + kBits;
+          const wise::RadixState state = states[k];  // a local copy: the key stores below cannot alias it
           // Keys of this tensor's block that fall in its bucket; exact zeros are only counted, since
           // a sparse shard has mostly zeros and incrementing one bin for each would serialise the loop.
           int64_t n = 0, z = 0;
           for (int64_t i = 0; i < len; ++i) {
             const uint32_t key = wise::abs_key(static_cast<float>(src[i]) - base_buf[i]);
-            const bool in_bucket = above >= 32 || (key >> above) == high;
+            const bool in_bucket = wise::radix_in_bucket(key, state, shift + kBits);
             z += in_bucket & (key == 0);
             keys[n] = key;
             n += in_bucket & (key != 0);

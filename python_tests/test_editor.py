@@ -16,7 +16,7 @@ TEXTS = ["What is the capital of Veloria ? Tarsk Marrow", "Who wrote The Glass O
 EDIT = EditRequest("What is the capital of Veloria ?", "Marrow", rephrase="Which city is the capital of Veloria ?",
                    loc_prompt="Where was Rennet Hale born ?", loc_answer="Calder")
 EDIT2 = EditRequest("Who wrote The Glass Orchard ?", "Sten Arvo", loc_prompt="The weather today is")
-FAST = dict(n_iter=3, n_context_prefixes=1, act_margin=(0.5, 2.0, 1.0), edit_lr=2.0)
+FAST = dict(n_iter=3, n_context_prefixes=1, n_reference_samples=2)
 
 ARCHS = {
     "gpt2": (transformers.GPT2Config, dict(n_embd=32, n_layer=3, n_head=4, n_positions=64), "transformer.h.1.mlp.c_proj"),
@@ -134,9 +134,12 @@ def test_shards_merges_and_thresholds_over_a_stream(retrieve, tokenizer):
         editor.edit(req)
         s = editor.state
         assert s.n_edits == n
-        assert editor.layer.num_memories == len(s.min_scores)
-        assert torch.allclose(editor.layer.thresholds,
-                              torch.tensor([cfg.act_ratio * m for m in s.min_scores], dtype=torch.float32))
+        assert editor.layer.num_memories == len(s.min_scores) == len(s.memory_edits)
+        assert sum(len(e) for e in s.memory_edits) == n
+        assert (editor.layer.thresholds >= torch.tensor(s.min_scores) * cfg.act_ratio * (1 - 1e-6)).all()
+        # Every threshold sits above the unrelated reference prompts: they stay on the main memory.
+        logits(model, tokenizer, s.reference_prompts)
+        assert editor.layer.last_choice.tolist() == [-1] * len(s.reference_prompts)
     s = editor.state
     if retrieve:
         assert len(s.retrieved) == 3 and s.shards == [] and editor.layer.num_memories == 3
@@ -272,3 +275,79 @@ def test_cli_edit_and_eval_on_zsre_records(tmp_path, capsys):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n"] == 3 and 0 <= metrics["rel"] <= 1
     assert main(["eval", "--model", str(model_dir), "--checkpoint", str(tmp_path / "nope"), "--data", ZSRE]) == 2
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_edit_session_computes_what_the_model_computes(arch, tokenizer):
+    """The cached edit forward (lower blocks and the edited block replayed) gives the
+    logits the whole model gives with the side memory in place."""
+    from wise_ext.edit_session import EditSession, answer_logits
+
+    model = make_model(arch, tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(**FAST))
+    batch = editor._edit_batch(EDIT)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    side = model.get_submodule(editor.layer_name).weight.detach() + 0.05 * torch.randn_like(editor.layer.weight)
+    editor.layer.add_memory(side, threshold=0.0)  # everything routes to it
+    with torch.no_grad():
+        full = model(**inputs).logits
+        with EditSession(model, editor.layer, editor.block_index, inputs, side) as session:
+            assert session.additive  # every supported architecture adds the projection into the residual
+            fast, target = answer_logits(model, session.hidden(), batch["labels"])
+    keep = batch["labels"][:, 1:] != -100
+    torch.testing.assert_close(fast, full[:, :-1][keep], rtol=1e-4, atol=1e-5)
+    assert torch.equal(target, batch["labels"][:, 1:][keep])
+
+
+def test_an_edit_answers_the_new_target_and_leaves_unrelated_prompts_alone(tokenizer):
+    model = make_model("llama", tokenizer)
+    unrelated = ["The weather today is fine", "Where was Rennet Hale born ?", "Who wrote The Glass Orchard ?"]
+    base = logits(model, tokenizer, unrelated)
+    predicted = tokenizer.decode(logits(model, tokenizer, [EDIT.prompt])[0, -1].argmax())
+    target = next(w for w in ("Marrow", "Tarsk", "Calder") if w != predicted)  # an answer the model does not give
+    request = EditRequest(EDIT.prompt, target, rephrase=EDIT.rephrase)
+    editor = WiseEditor(model, tokenizer, WiseConfig(n_context_prefixes=2), reference_prompts=unrelated[:2])
+    assert editor.evaluate([request])["rel"] == 0.0
+    result = editor.edit(request)
+    assert result.score > result.threshold  # the edit's own prompt routes to the side memory
+    assert editor.evaluate([request])["rel"] == 1.0
+    assert torch.equal(logits(model, tokenizer, unrelated), base)  # not just close: the main memory answers
+    s = editor.state
+    assert s.routing_scale > 0 and s.edit_lr > 0
+    assert s.margins == pytest.approx([r * s.routing_scale for r in editor.config.relative_margin])
+
+
+def test_absolute_margins_far_from_the_model_scale_warn(tokenizer):
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(act_margin=(5.0, 20.0, 10.0), edit_lr=1.0, **FAST))
+    with pytest.warns(UserWarning, match="act_margin .* the scale"):
+        editor.edit(EDIT)
+    assert editor.state.margins == [5.0, 20.0, 10.0] and editor.state.edit_lr is None
+
+
+def test_merged_memory_gets_its_own_threshold(tokenizer, monkeypatch):
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(save_freq=1, merge_freq=2, **FAST))
+    editor.edit(EDIT)
+    editor.edit(EDIT2)
+    s = editor.state
+    assert s.memory_edits == [[[EDIT.prompt, EDIT.target_new], [EDIT2.prompt, EDIT2.target_new]]]
+    # The merged memory's threshold is measured on it: its edits' scores, its reference guard.
+    rows = editor._rows([EDIT.prompt, EDIT2.prompt], [EDIT.target_new, EDIT2.target_new])
+    scores = editor._scores(rows, editor.layer.memories[0], editor.layer.token_reduce)
+    guard = float(editor._scores(editor._reference_rows(), editor.layer.memories[0], "mean").max())
+    expected = max(editor.config.act_ratio * float(scores.min()), guard / editor.config.act_ratio)
+    assert editor.layer.thresholds[0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_routing_mask_leaves_out_the_start_token():
+    from wise_ext.layer import routing_mask
+
+    ids = torch.tensor([[2, 5, 6, 0], [0, 2, 7, 8], [2, 0, 0, 0]])
+    attn = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]])
+    mask = routing_mask(attn, ids, bos_token_id=2)
+    assert mask.tolist() == [[False, True, True, False], [False, False, True, True], [True, False, False, False]]
+    assert torch.equal(routing_mask(attn, ids, None), attn)
+    # Decoding one token with a cache: the mask covers the past, the ids only the new token.
+    step = routing_mask(torch.ones(1, 5, dtype=torch.long), torch.tensor([[9]]), 2)
+    assert step.tolist() == [[True] * 5]

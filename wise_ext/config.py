@@ -25,11 +25,17 @@ class WiseConfig:
 
     layer: Optional[str] = None            # e.g. "model.layers.27.mlp.down_proj"; None: a default per model
     mask_ratio: float = 0.2                # rho: fraction of the side memory one shard trains
-    edit_lr: float = 1.0
+    edit_lr: Optional[float] = None        # SGD learning rate; None: calibrated (relative_lr)
+    relative_lr: float = 1.0               # first step's size relative to the main weight's RMS
     n_iter: int = 70
-    norm_constraint: float = 1.0           # bound on |w_side - w_start| per entry
+    norm_constraint: Optional[float] = None  # bound on |w_side - w_start| per entry; None: relative
+    relative_norm_constraint: float = 20.0   # that bound in units of the main weight's RMS
     weight_decay: float = 0.0
-    act_margin: tuple = (5.0, 20.0, 10.0)  # alpha (unrelated <=), beta (edited >=), gamma (gap >=)
+    # Routing margins: alpha (unrelated scores <=), beta (edited >=), gamma (gap >=). By default they are
+    # relative_margin x the layer's routing scale, measured on reference prompts; act_margin gives them
+    # in absolute units instead (EasyEdit's 5/20/10 fit LLaMA-2-7B's layer 27).
+    act_margin: Optional[tuple] = None
+    relative_margin: tuple = (0.5, 2.0, 1.0)  # the paper's 1 : 4 : 2
     act_ratio: float = 0.88                # threshold = act_ratio * the smallest edited score
     save_freq: int = 500                   # edits per shard
     merge_freq: int = 1000                 # edits between merges
@@ -42,12 +48,16 @@ class WiseConfig:
     token_reduce: str = "auto"             # mean | max | auto (max past 100 tokens)
     sticky_routing: bool = False           # generate(): keep the prompt's routing for generated tokens
     n_context_prefixes: int = 4            # context-prefixed copies of each edit prompt
+    n_reference_samples: int = 16          # texts sampled from the model as unrelated references
+    n_replay: int = 2                      # retrieve + replay: edits of the last frozen memory kept off
     early_stop_loss: float = 0.01
     seed: int = 0
     unrelated_prompt: str = "The weather today is"  # margin loss reference when a request has no loc_prompt
 
     def __post_init__(self):
-        self.act_margin = tuple(float(x) for x in self.act_margin)
+        if self.act_margin is not None:
+            self.act_margin = tuple(float(x) for x in self.act_margin)
+        self.relative_margin = tuple(float(x) for x in self.relative_margin)
         self.validate()
 
     def validate(self) -> None:
@@ -56,10 +66,14 @@ class WiseConfig:
                 raise ValueError(f"WiseConfig.{name} {what}, got {getattr(self, name)!r}")
 
         need(0 < self.mask_ratio <= 1, "mask_ratio", "must be in (0, 1]")
-        need(self.edit_lr > 0, "edit_lr", "must be > 0")
+        need(self.edit_lr is None or self.edit_lr > 0, "edit_lr", "must be > 0")
+        need(self.relative_lr > 0, "relative_lr", "must be > 0")
         need(isinstance(self.n_iter, int) and self.n_iter >= 1, "n_iter", "must be an integer >= 1")
-        need(self.norm_constraint >= 0, "norm_constraint", "must be >= 0")
-        need(len(self.act_margin) == 3, "act_margin", "must be (alpha, beta, gamma)")
+        need(self.norm_constraint is None or self.norm_constraint >= 0, "norm_constraint", "must be >= 0")
+        need(self.relative_norm_constraint > 0, "relative_norm_constraint", "must be > 0")
+        for name in ("act_margin", "relative_margin"):
+            value = getattr(self, name)
+            need(value is None or (len(value) == 3 and min(value) >= 0), name, "must be (alpha, beta, gamma) >= 0")
         need(0 < self.act_ratio <= 1, "act_ratio", "must be in (0, 1]")
         need(self.save_freq >= 1, "save_freq", "must be >= 1")
         need(self.merge_freq >= 1 and self.merge_freq % self.save_freq == 0, "merge_freq",
@@ -69,11 +83,13 @@ class WiseConfig:
         need(self.routing_act == "model" or self.routing_act in ACTIVATIONS, "routing_act",
              f"must be 'model' or one of {ACTIVATIONS}")
         need(self.token_reduce in ("mean", "max", "auto"), "token_reduce", "must be mean, max or auto")
-        need(self.n_context_prefixes >= 0, "n_context_prefixes", "must be >= 0")
+        for name in ("n_context_prefixes", "n_reference_samples", "n_replay"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["act_margin"] = list(self.act_margin)
+        d["act_margin"] = None if self.act_margin is None else list(self.act_margin)
+        d["relative_margin"] = list(self.relative_margin)
         return d
 
     @classmethod

@@ -33,11 +33,9 @@ FACTS = [
 # Edits: (fact index, new answer)
 EDITS = [(0, "Marrow"), (4, "Gull Rovers"), (6, "Sten Arvo"), (9, "Mount Cobb")]
 
-DEMO_CONFIG = dict(
-    # Margins sized for this model's routing scores (EasyEdit's 5/20/10 fit LLaMA-2-7B's scale).
-    act_margin=(0.5, 2.0, 1.0), edit_lr=2.0, n_iter=70, norm_constraint=5.0, mask_ratio=0.5,
-    save_freq=2, merge_freq=4, n_context_prefixes=2,
-)
+# Margins, learning rate and norm bound are calibrated to the model (WiseConfig's defaults);
+# small shards so that the demo's four edits also go through a merge.
+DEMO_CONFIG = dict(save_freq=2, merge_freq=4, n_context_prefixes=2)
 
 
 def build_tokenizer(texts):
@@ -110,7 +108,10 @@ def run(seed: int = 0) -> dict:
         loc = FACTS[untouched[n % len(untouched)]]
         requests.append(EditRequest(prompt=FACTS[i][0], target_new=new, rephrase=FACTS[i][1], loc_prompt=loc[0],
                                     loc_answer=loc[2]))
-    editor = WiseEditor(model, tokenizer, WiseConfig(seed=seed, **DEMO_CONFIG))
+    # Unrelated references for the routing margins and thresholds: the untouched facts'
+    # paraphrases (Loc is measured on their questions, which editing never sees).
+    editor = WiseEditor(model, tokenizer, WiseConfig(seed=seed, **DEMO_CONFIG),
+                        reference_prompts=[FACTS[i][1] for i in untouched])
     before = [answer(model, tokenizer, r.prompt) for r in requests]
     t1 = time.time()
     results = editor.edit_many(requests)

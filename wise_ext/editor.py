@@ -11,25 +11,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
 from .config import MERGE_METHODS, WiseConfig
-from .layer import EditingState, WiseLayer, bind_attention_mask
-from .lower_blocks import frozen_lower_blocks
-from .requests import EditRequest, context_limit, encode_answers, lm_loss, token_accuracy
+from .layer import WiseLayer, bind_attention_mask, routing_mask
+from .edit_session import EditSession, answer_logits, layer_inputs
+from .requests import EditRequest, context_limit, encode_answers, token_accuracy
 from .surgery import block_index_of, default_layer, get_module, model_activation, set_module
+from .token_rows import TokenRows
 
 RequestLike = Union[EditRequest, dict]
 
 
 @dataclass
 class EditorState:
-    """Bookkeeping of the memories; saved with every checkpoint."""
+    """Bookkeeping of the memories and the routing calibration; saved with every checkpoint."""
     n_edits: int = 0
     n_shards: int = 0                                  # shards started so far (their seeds derive from it)
     merged: Optional[int] = None                       # merge mode: index of the merged memory
@@ -37,8 +40,12 @@ class EditorState:
     shard_seeds: dict = field(default_factory=dict)    # memory index (str) -> seed
     retrieved: list = field(default_factory=list)      # retrieve mode: frozen memories
     min_scores: list = field(default_factory=list)     # per memory: smallest routing score of its edits
-    replay_prompts: list = field(default_factory=list) # retrieve + replay: prompts of frozen memories' edits
+    memory_edits: list = field(default_factory=list)   # per memory: its edits' [prompt, target]
+    reference_prompts: Optional[list] = None           # unrelated texts: margin loss and locality guard
     context_prefixes: Optional[list] = None
+    routing_scale: Optional[float] = None              # mean main-memory output norm on the reference prompts
+    margins: Optional[list] = None                     # (alpha, beta, gamma) in use, absolute
+    edit_lr: Optional[float] = None                    # calibrated SGD learning rate
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -52,11 +59,21 @@ class EditorState:
 class EditResult:
     steps: int
     loss: float
-    score: float  # routing score of the edited prompts after the edit
+    score: float      # smallest routing score of the edited prompts after the edit
+    threshold: float  # the memory's routing threshold after the edit
 
 
 class WiseEditor:
-    def __init__(self, model: nn.Module, tokenizer, config: Optional[WiseConfig] = None):
+    """Lifelong WISE editing of ``model`` (a Hugging Face causal LM).
+
+    ``reference_prompts``: texts unrelated to the edits (e.g. a training split's
+    locality questions, as EasyEdit uses). Every step of every edit keeps their
+    routing scores under the margin alpha, and every threshold above them. By
+    default they are sampled from the model itself, once.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: Optional[WiseConfig] = None,
+                 reference_prompts: Optional[Sequence[str]] = None):
         self.model = model
         self.tokenizer = tokenizer
         config = config or WiseConfig()
@@ -72,21 +89,28 @@ class WiseEditor:
         set_module(model, self.layer_name, self.layer)
         self._hooks = bind_attention_mask(model, self.layer)
         self.state = EditorState()
+        if reference_prompts is not None:
+            prompts = [p for p in reference_prompts if isinstance(p, str) and p.strip()]
+            if not prompts:
+                raise ValueError("reference_prompts is empty")
+            self.state.reference_prompts = prompts
         self.max_length = context_limit(model)
+        self._reference: Optional[TokenRows] = None  # the reference prompts' layer inputs (not saved: recomputed)
+        self._additive: Optional[bool] = None        # see EditSession
+        self._main_rms: Optional[float] = None
 
     # ---- public API ----
     def edit(self, request: RequestLike) -> EditResult:
         """Applies one edit (lifelong: on top of all earlier ones)."""
         req = request if isinstance(request, EditRequest) else EditRequest.from_dict(request)
-        batch, n_edit_rows = self._edit_batch(req)  # validates before anything changes
+        batch = self._edit_batch(req)  # validates before anything changes
+        self._calibrate()
         if self.state.n_edits % self.config.save_freq == 0:
             self._start_shard()
         index = self.state.shards[-1]
-        result = self._train(index, batch, n_edit_rows)
-        self._record_score(index, result.score)
+        result = self._train(index, batch)
+        self.state.memory_edits[index].append([req.prompt, req.target_new])
         self.state.n_edits += 1
-        if self.config.retrieve and self.config.replay:
-            self.state.replay_prompts.append(req.prompt)
         if self.state.n_edits % self.config.merge_freq == 0:
             self._merge()
         return result
@@ -138,7 +162,96 @@ class WiseEditor:
         set_module(self.model, self.layer_name, self.layer.base_layer)
         return self.model
 
-    # ---- shards, scores, merges ----
+    # ---- routing calibration ----
+    def _calibrate(self) -> None:
+        """Sizes the margins to this layer: the routing scale is the mean norm of the
+        main memory's (activated) output on the reference prompts, measured once."""
+        s, cfg = self.state, self.config
+        if s.margins is not None:
+            return
+        ref = self._reference_rows()
+        scale = float(ref.mean(ops.routing_distance(torch.zeros_like(ref.y_main), ref.y_main,
+                                                    self.layer.routing_act)).mean())
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"{self.layer_name}: the main memory's output on the reference prompts has norm "
+                             f"{scale}; cannot calibrate routing")
+        if cfg.act_margin is not None:
+            margins = list(cfg.act_margin)
+            ratio = margins[1] / (cfg.relative_margin[1] * scale)
+            if not 0.1 <= ratio <= 10:
+                warnings.warn(f"WiseConfig.act_margin {tuple(margins)} is {ratio:.3g}x the scale of "
+                              f"{self.layer_name}'s routing scores (beta {cfg.relative_margin[1]} x {scale:.4g}); "
+                              f"leave act_margin unset to calibrate it", stacklevel=3)
+        else:
+            margins = [r * scale for r in cfg.relative_margin]
+        s.routing_scale, s.margins = scale, margins
+
+    def _learning_rate(self, grad: torch.Tensor) -> float:
+        """WiseConfig.edit_lr (absolute, EasyEdit's), or one calibrated on the first
+        edit's first gradient (kept in the state), so that step moves the trained
+        entries by relative_lr x the main weight's RMS."""
+        s, cfg = self.state, self.config
+        if cfg.edit_lr is not None:
+            return cfg.edit_lr
+        if s.edit_lr is None:
+            g = float(grad.detach().float().pow(2).mean().sqrt())
+            if not math.isfinite(g) or g == 0:
+                raise ValueError(f"{self.layer_name}: the first edit's gradient is {g}; cannot calibrate edit_lr")
+            s.edit_lr = cfg.relative_lr * self._weight_rms() / g
+        return s.edit_lr
+
+    def _norm_constraint(self) -> float:
+        """WiseConfig.norm_constraint (absolute, EasyEdit's), or relative_norm_constraint x
+        the main weight's RMS: a bound on how far one entry may move, whatever the scale."""
+        cfg = self.config
+        if cfg.norm_constraint is not None:
+            return cfg.norm_constraint
+        return cfg.relative_norm_constraint * self._weight_rms()
+
+    def _weight_rms(self) -> float:
+        if self._main_rms is None:
+            self._main_rms = float(self.layer.weight.detach().float().pow(2).mean().sqrt())
+        return self._main_rms
+
+    def _reference_rows(self) -> TokenRows:
+        if self._reference is None:
+            s = self.state
+            if s.reference_prompts is None:
+                s.reference_prompts = [self.config.unrelated_prompt] + self._sampled_texts()
+            self._reference = self._rows(s.reference_prompts, None)
+        return self._reference
+
+    def _rows(self, prompts: Sequence[str], answers: Optional[Sequence[Optional[str]]], batch_size: int = 64):
+        parts = []
+        for sl in self._batches(len(prompts), batch_size):
+            batch = encode_answers(self.tokenizer, prompts[sl], answers[sl] if answers else [None] * len(prompts[sl]),
+                                   self.layer.weight.device, self.max_length)
+            a, y = layer_inputs(self.model, self.layer, batch["input_ids"], batch["attention_mask"])
+            parts.append(TokenRows.from_batch(a, y, self._routing_mask(batch)))
+        return TokenRows.cat(parts)
+
+    def _routing_mask(self, batch: dict) -> torch.Tensor:
+        return routing_mask(batch["attention_mask"], batch["input_ids"], getattr(self.model.config, "bos_token_id", None))
+
+    def _scores(self, rows: TokenRows, weight: torch.Tensor, reduce: Optional[str] = None) -> torch.Tensor:
+        """Routing scores of ``rows`` against one side memory: differentiable mean per
+        row while training, else reduced as inference reduces them."""
+        d = rows.distances(self.layer.linear(rows.a, weight), self.layer.routing_act)
+        return rows.mean(d) if reduce is None else rows.reduce(d, reduce)
+
+    def _set_threshold(self, index: int, edit_scores: torch.Tensor) -> float:
+        """Between the memory's edits and the unrelated prompts: act_ratio below its
+        weakest edit, and never less than 1/act_ratio above the highest reference score."""
+        s, ratio = self.state, self.config.act_ratio
+        s.min_scores[index] = min(s.min_scores[index], float(edit_scores.min()))
+        with torch.no_grad():
+            guard = float(self._scores(self._reference_rows(), self.layer.memories[index],
+                                       self.layer.token_reduce).max()) / ratio
+        threshold = max(ratio * s.min_scores[index], guard)
+        self.layer.set_threshold(index, threshold)
+        return threshold
+
+    # ---- shards, merges ----
     def _shard_seed(self, shard: int) -> int:
         digest = hashlib.sha256(f"wise-ext:{self.config.seed}:{shard}".encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 1
@@ -149,18 +262,18 @@ class WiseEditor:
             return self.layer.memories[s.merged]
         return self.layer.weight
 
+    def _new_memory(self, init: torch.Tensor, edits: list) -> int:
+        index = self.layer.add_memory(init)
+        self.state.min_scores.append(math.inf)
+        self.state.memory_edits.append(edits)
+        return index
+
     def _start_shard(self) -> None:
         s = self.state
-        index = self.layer.add_memory(self._shard_origin())
+        index = self._new_memory(self._shard_origin(), [])
         s.shards.append(index)
         s.shard_seeds[str(index)] = self._shard_seed(s.n_shards)
-        s.min_scores.append(math.inf)
         s.n_shards += 1
-
-    def _record_score(self, index: int, score: float) -> None:
-        s = self.state
-        s.min_scores[index] = min(s.min_scores[index], score)
-        self.layer.set_threshold(index, self.config.act_ratio * s.min_scores[index])
 
     def _merge(self) -> None:
         s, cfg = self.state, self.config
@@ -175,28 +288,35 @@ class WiseEditor:
         base = self._shard_origin()
         merged = ops.ties_merge(base, [self.layer.memories[i] for i in shards], weights, cfg.density, sparsify,
                                 consensus, True, self._shard_seed(s.n_shards))
-        min_score = min(s.min_scores[i] for i in shards)
+        edits = [e for i in shards for e in s.memory_edits[i]]
         if not cfg.retrieve and s.merged is not None:
             target = s.merged
-            min_score = min(min_score, s.min_scores[target])
             self.layer.memories[target] = merged
+            s.memory_edits[target] = s.memory_edits[target] + edits
         else:
-            target = self.layer.add_memory(merged)
-            s.min_scores.append(math.inf)
+            target = self._new_memory(merged, edits)
             if cfg.retrieve:
                 s.retrieved.append(target)
             else:
                 s.merged = target
-        s.min_scores[target] = min_score
-        self.layer.set_threshold(target, cfg.act_ratio * min_score)
+        # The merged memory answers differently from every shard: its threshold is
+        # measured on it, from all the edits it holds, not inherited.
+        s.min_scores[target] = math.inf
+        prompts, targets = zip(*s.memory_edits[target])
+        with torch.no_grad():
+            scores = self._scores(self._rows(list(prompts), list(targets)), self.layer.memories[target],
+                                  self.layer.token_reduce)
+        self._set_threshold(target, scores)
         self._drop_memories(shards)
         s.shards = []
 
     def _drop_memories(self, indices: Sequence[int]) -> None:
         s = self.state
         self.layer.remove_memories(indices)
-        remap = {old: new for new, old in enumerate(m for m in range(len(s.min_scores)) if m not in set(indices))}
-        s.min_scores = [s.min_scores[old] for old in sorted(remap)]
+        kept = [m for m in range(len(s.min_scores)) if m not in set(indices)]
+        remap = {old: new for new, old in enumerate(kept)}
+        s.min_scores = [s.min_scores[old] for old in kept]
+        s.memory_edits = [s.memory_edits[old] for old in kept]
         s.shard_seeds = {str(remap[int(k)]): v for k, v in s.shard_seeds.items() if int(k) in remap}
         s.retrieved = [remap[i] for i in s.retrieved]
         s.shards = [remap[i] for i in s.shards if i in remap]
@@ -204,82 +324,92 @@ class WiseEditor:
             s.merged = remap[s.merged]
 
     # ---- one edit ----
+    def _sampled_texts(self) -> list[str]:
+        """Short texts sampled once from the unedited model: context prefixes for the
+        edit prompts (the paper's and EasyEdit's practice) and unrelated references."""
+        start = self.tokenizer.bos_token_id
+        if start is None:
+            start = self.tokenizer.eos_token_id
+        n = max(self.config.n_context_prefixes, self.config.n_reference_samples)
+        if start is None or n == 0:
+            return []
+        with torch.random.fork_rng(devices=[]), self.layer.disabled():
+            torch.manual_seed(self.config.seed)
+            ids = torch.full((n, 1), start, dtype=torch.long, device=self.layer.weight.device)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=8,
+                                      min_new_tokens=8, top_k=20, pad_token_id=start)
+        return [self.tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in out]
+
     def _context_prefixes(self) -> list[str]:
-        """Short texts generated once by the model and put before each edit prompt,
-        so the edit holds in context (the paper's and EasyEdit's practice)."""
         s = self.state
         if s.context_prefixes is None:
-            s.context_prefixes = []
-            start = self.tokenizer.bos_token_id
-            if start is None:
-                start = self.tokenizer.eos_token_id
-            if start is not None and self.config.n_context_prefixes > 0:
-                with torch.random.fork_rng(devices=[]), self.layer.disabled():
-                    torch.manual_seed(self.config.seed)
-                    ids = torch.full((self.config.n_context_prefixes, 1), start, dtype=torch.long,
-                                     device=self.layer.weight.device)
-                    out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                              max_new_tokens=5, min_new_tokens=5, top_k=20,
-                                              pad_token_id=start)
-                s.context_prefixes = [self.tokenizer.decode(row[1:], skip_special_tokens=True).strip() + ". "
-                                      for row in out]
+            texts = self._sampled_texts()[:self.config.n_context_prefixes]
+            s.context_prefixes = [" ".join(t.split()[:5]) + ". " for t in texts if t]
         return s.context_prefixes
 
-    def _edit_batch(self, req: EditRequest):
+    def _edit_batch(self, req: EditRequest) -> dict:
+        """The prompt and its context-prefixed copies with the target as labels, and
+        ``span``: per row, the tokens of prompt + target (the prefix is shared with
+        unrelated texts, so it is left out of the edit's routing margin)."""
         prompts = [req.prompt] + [p + req.prompt for p in self._context_prefixes()]
-        unrelated = [req.loc_prompt or self.config.unrelated_prompt]
-        if self.config.retrieve and self.config.replay:
-            # Earlier edits, now in frozen memories, must not fire this new memory.
-            unrelated += self.state.replay_prompts[-2:]
-        batch = encode_answers(self.tokenizer, prompts + unrelated, [req.target_new] * len(prompts)
-                               + [None] * len(unrelated), self.layer.weight.device, self.max_length)
-        return batch, len(prompts)
+        batch = encode_answers(self.tokenizer, prompts, [req.target_new] * len(prompts), self.layer.weight.device,
+                               self.max_length)
+        lengths = batch["attention_mask"].sum(1, keepdim=True)
+        width = int(self._routing_mask(batch)[0].sum())
+        pos = torch.arange(batch["attention_mask"].shape[1], device=lengths.device)
+        batch["span"] = ((pos < lengths) & (pos >= lengths - width)).float()
+        return batch
 
-    def _sequence_scores(self, distances: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.to(distances.dtype)
-        return (distances * mask).sum(1) / mask.sum(1).clamp(min=1)
+    def _unrelated_rows(self) -> TokenRows:
+        rows = self._reference_rows()
+        if self.config.retrieve and self.config.replay and self.state.retrieved:
+            # Replay (paper, B.3): the latest frozen memories' edits must not fire the new memory.
+            last = self.state.memory_edits[self.state.retrieved[-1]][-self.config.n_replay:]
+            rows = TokenRows.cat([rows, self._rows([p for p, _ in last], [t for _, t in last])])
+        return rows
 
-    def _train(self, index: int, batch: dict, n_edit_rows: int) -> EditResult:
-        cfg, layer = self.config, self.layer
-        alpha, beta, gamma = cfg.act_margin
-        seed = self.state.shard_seeds[str(index)]
+    def _train(self, index: int, batch: dict) -> EditResult:
+        cfg, layer, s = self.config, self.layer, self.state
+        alpha, beta, gamma = s.margins
+        seed = s.shard_seeds[str(index)]
         origin = self._shard_origin()
         weight = layer.memories[index]
+        unrelated = self._unrelated_rows()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        leaf = weight.detach().requires_grad_(True)
         was_training = self.model.training
         self.model.eval()
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
         loss_value, steps = float("nan"), 0
         try:
-            with frozen_lower_blocks(self.model, self.block_index, batch):
-                leaf = weight.detach().requires_grad_(True)
-                layer.editing = EditingState(weight=leaf)
+            with EditSession(self.model, layer, self.block_index, inputs, leaf, self._additive) as session:
+                self._additive = session.additive
+                span = batch["span"]
                 for steps in range(1, cfg.n_iter + 1):
                     leaf.grad = None
-                    logits = self.model(**inputs).logits
-                    lm = lm_loss(logits[:n_edit_rows], batch["labels"][:n_edit_rows])
-                    scores = self._sequence_scores(layer.editing.distances, batch["attention_mask"])
-                    s_edit, s_unrel = scores[:n_edit_rows, None], scores[None, n_edit_rows:]
-                    margin = (torch.relu(s_unrel - alpha) + torch.relu(beta - s_edit)
-                              + torch.relu(gamma - (s_edit - s_unrel))).mean()
-                    loss = lm + margin
-                    loss.backward()
+                    logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
+                    lm = F.cross_entropy(logits.float(), targets)
+                    s_edit = (session.distances * span).sum(1) / span.sum(1)
+                    s_unrel = self._scores(unrelated, leaf)
+                    margin = (torch.relu(s_unrel - alpha).mean() + torch.relu(beta - s_edit).mean()
+                              + torch.relu(gamma - (s_edit[:, None] - s_unrel[None, :])).mean())
+                    (lm + margin).backward()
                     with torch.no_grad():
-                        ops.sharded_sgd_step_(weight, leaf.grad, origin, cfg.edit_lr, cfg.weight_decay,
-                                              cfg.mask_ratio, seed, cfg.norm_constraint)
+                        ops.sharded_sgd_step_(weight, leaf.grad, origin, self._learning_rate(leaf.grad), cfg.weight_decay,
+                                              cfg.mask_ratio, seed, self._norm_constraint())
                     lm_v, margin_v = torch.stack([lm.detach(), margin.detach()]).tolist()  # the one sync per step
                     loss_value = lm_v + margin_v
                     if lm_v < cfg.early_stop_loss and margin_v == 0.0:
                         break
-                # The threshold comes from the scores the finished memory gives the edit.
                 with torch.no_grad():
-                    layer.editing = EditingState(weight=weight)
-                    self.model(**inputs)
-                    score = self._sequence_scores(layer.editing.distances, batch["attention_mask"])[:n_edit_rows]
-                    score = float(score.min())
+                    session.hidden()
+                    # The threshold comes from the request's own prompt, as it will be asked.
+                    edit_rows = TokenRows.from_batch(session.layer_input[:1], layer.editing.y_main[:1],
+                                                     self._routing_mask(batch)[:1])
+                    scores = self._scores(edit_rows, weight, layer.token_reduce)
         finally:
-            layer.editing = None
             self.model.train(was_training)
-        return EditResult(steps=steps, loss=loss_value, score=score)
+        threshold = self._set_threshold(index, scores)
+        return EditResult(steps=steps, loss=loss_value, score=float(scores.min()), threshold=threshold)
 
     # ---- evaluation helpers ----
     def _batches(self, n: int, size: int):

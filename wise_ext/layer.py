@@ -141,14 +141,29 @@ class WiseLayer(nn.Module):
                 f"reduce={self.token_reduce}, sticky={self.sticky_routing}")
 
 
+def routing_mask(attention_mask: Optional[Tensor], input_ids: Optional[Tensor], bos_token_id: Optional[int]):
+    """The tokens that route: not padding, and not the start token, whose input to the
+    layer is the same in every sequence (often a massive outlier), so its distance
+    only shifts every score alike. A sequence made of the start token alone keeps it."""
+    if input_ids is None or bos_token_id is None:
+        return attention_mask
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
+    tail = mask[:, -input_ids.shape[1]:]
+    content = tail & (input_ids != bos_token_id)
+    tail.copy_(torch.where(content.any(1, keepdim=True), content, tail))
+    return mask
+
+
 def bind_attention_mask(model: nn.Module, layer: WiseLayer) -> list:
-    """Hands each model call's attention mask to the layer, so padding never routes."""
+    """Hands each model call's routing mask (see ``routing_mask``) to the layer."""
+    bos = getattr(model.config, "bos_token_id", None)
 
     def before(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
             mask = args[1]
-        layer.token_mask = mask
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        layer.token_mask = routing_mask(mask, ids if isinstance(ids, Tensor) and ids.dim() == 2 else None, bos)
 
     def after(module, args, kwargs, output):
         layer.token_mask = None

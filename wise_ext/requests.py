@@ -118,8 +118,3 @@ def token_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     hits = ((pred == target) & mask).sum(1).float()
     return hits / mask.sum(1).clamp(min=1).float()
 
-
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the labelled tokens of the batch."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=-100)

@@ -1,0 +1,153 @@
+"""The paper's lifelong protocol on real ZsRE records: T sequential edits, evaluated after the last.
+
+Testbeds: the fact-knowing LLaMA of bench/factlm.py, and a tiny random LLaMA
+(hidden 256, 4 layers) with the same tokenizer. Edits are records 0..T-1 (prompt
+`src`, new target `alt`, paraphrase `rephrase`, locality `loc` / `loc_ans`). The
+routing references (margin loss, locality guard) are the locality questions of
+records 1000-1063, never evaluated. Each (testbed, margins, mode, T) starts from a
+fresh model. Shards: save_freq = T/4 and merge_freq = 2 x save_freq, so every run
+goes through merges (WISE-Merge) or freezes memories (WISE-Retrieve).
+
+    python bench/lifelong.py                       # fact-LM T = 10, 100; random LLaMA T = 10, 40
+    python bench/lifelong.py --T 10 100 1000 --testbeds factlm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import factlm
+from wise_ext import WiseConfig, WiseEditor
+from wise_ext.requests import EditRequest, encode_answers
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "lifelong-factlm.json"
+REFERENCE = slice(1000, 1064)
+PAPER_MARGINS = dict(act_margin=(5.0, 20.0, 10.0), edit_lr=1.0, norm_constraint=1.0)  # EasyEdit's llama-7b
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def random_llama(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, bos_token_id=2, eos_token_id=3, pad_token_id=0)).eval()
+
+
+@torch.no_grad()
+def routing_scores(editor: WiseEditor, prompts: list[str], answers: list[str]) -> list[float]:
+    """Each text's highest routing score over the side memories, as inference computes it."""
+    out = []
+    for i in range(0, len(prompts), 32):
+        batch = encode_answers(editor.tokenizer, prompts[i:i + 32], answers[i:i + 32], "cpu")
+        editor.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out += editor.layer.last_scores.max(1).values.tolist()
+    return out
+
+
+def run_one(testbed: str, margins: str, mode: str, T: int, records: list[dict]) -> tuple[dict, dict]:
+    if testbed == "factlm":
+        model, tokenizer, _ = factlm.load_or_train(log=lambda *_: None)
+    else:
+        tokenizer = factlm.build_tokenizer(records, factlm.FactLMSpec.vocab_size)
+        model = random_llama(tokenizer)
+    save_freq = max(1, T // 4)
+    config = WiseConfig(save_freq=save_freq, merge_freq=2 * save_freq, retrieve=mode == "retrieve",
+                        **(PAPER_MARGINS if margins == "paper" else {}))
+    editor = WiseEditor(model, tokenizer, config, reference_prompts=[r["loc"] for r in records[REFERENCE]])
+    requests = [EditRequest.from_dict(r) for r in records[:T]]
+    t0 = time.perf_counter()
+    editor.edit_many(requests)
+    seconds = (time.perf_counter() - t0) / T
+    metrics = editor.evaluate(requests)
+    row = {"testbed": testbed, "margins": margins, "mode": mode, "T": T, "rel": round(metrics["rel"], 4),
+           "gen": round(metrics["gen"], 4), "loc": round(metrics["loc"], 4), "sec_per_edit": round(seconds, 3),
+           "commit": commit()}
+    scores = {
+        "edited": routing_scores(editor, [r.prompt for r in requests], [r.target_new for r in requests]),
+        "paraphrase": routing_scores(editor, [r.rephrase for r in requests], [r.target_new for r in requests]),
+        "unrelated": routing_scores(editor, [r.loc_prompt for r in requests], [r.loc_answer for r in requests]),
+        "threshold": editor.layer.thresholds.tolist(),
+    }
+    return row, scores
+
+
+def plot(rows: list[dict], histograms: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+    for ax, metric in zip(axes, ("rel", "gen", "loc")):
+        for key in sorted({(r["testbed"], r["margins"], r["mode"]) for r in rows}):
+            pts = sorted((r["T"], r[metric]) for r in rows if (r["testbed"], r["margins"], r["mode"]) == key)
+            ax.plot(*zip(*pts), marker="o", label=" / ".join(key))
+        ax.set_xscale("log")
+        ax.set_title(metric.capitalize())
+        ax.set_xlabel("T (edits)")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "lifelong-metrics.png", dpi=110)
+
+    fig, axes = plt.subplots(1, len(histograms), figsize=(4.5 * len(histograms), 3.4), squeeze=False)
+    for ax, (name, scores) in zip(axes[0], histograms.items()):
+        for kind in ("edited", "paraphrase", "unrelated"):
+            ax.hist(scores[kind], bins=30, alpha=0.5, label=kind)
+        for t in scores["threshold"]:
+            ax.axvline(t, color="k", lw=0.8, ls="--")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("routing score (dashed: thresholds)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "lifelong-routing-scores.png", dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, nargs="+", default=[10, 100], help="edit counts on the fact-LM")
+    p.add_argument("--random-T", type=int, nargs="+", default=[10, 40], help="edit counts on the random LLaMA")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--testbeds", nargs="+", default=["factlm", "random"], choices=["factlm", "random"])
+    p.add_argument("--modes", nargs="+", default=["merge", "retrieve"], choices=["merge", "retrieve"])
+    p.add_argument("--margins", nargs="+", default=["calibrated", "paper"], choices=["calibrated", "paper"])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    records = factlm.zsre_records()
+    rows, histograms = [], {}
+    for testbed in args.testbeds:
+        for margins in args.margins:
+            for mode in args.modes:
+                counts = args.T if testbed == "factlm" else args.random_T
+                for T in counts:
+                    row, scores = run_one(testbed, margins, mode, T, records)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if T == max(counts) and mode == "merge":
+                        histograms[f"{testbed}, {margins} margins, merge, T={T}"] = scores
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, args.out)
+    plot(rows, histograms, args.out.parent)
+
+
+if __name__ == "__main__":
+    main()

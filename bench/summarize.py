@@ -1,7 +1,9 @@
 """Turns a pytest-benchmark JSON into the compact results file committed under
 bench/results/: device, commit, torch, and per case the median beside its baseline.
 
-    python bench/summarize.py RAW.json bench/results/cpu-ops.json
+    python bench/summarize.py RAW.json bench/results/cpu-ops.json          # bench_ops.py
+    python bench/summarize.py RAW.json bench/results/cpu-model.json        # bench_model.py: per group,
+                                                                           # each case's ratio to its reference
 """
 import json
 import platform
@@ -11,14 +13,31 @@ import sys
 import torch
 
 BASELINES = {"wise_ext": ("topk", "clone"), "wise_ffn": ("two_products", None)}
+REFERENCES = ("unedited", "whole_model")  # bench_model.py: what each group is compared with
+
+
+def model_rows(raw: dict) -> list[dict]:
+    groups: dict = {}
+    for b in raw["benchmarks"]:
+        case = b["name"].partition("[")[2].rstrip("]")
+        groups.setdefault(b["group"], {})[case] = b["stats"]
+    rows = []
+    for group, cases in groups.items():
+        ref = next((c for c in cases if c.split("-")[0] in REFERENCES), None)
+        for case, st in cases.items():
+            rows.append({"group": group, "case": case, "median_ms": round(st["median"] * 1e3, 3),
+                         "iqr_ms": round(st["iqr"] * 1e3, 3), "rounds": st["rounds"],
+                         "ratio_to_reference": round(st["median"] / cases[ref]["median"], 3) if ref else None,
+                         "reference": ref})
+    return rows
 
 
 def main(raw_path: str, out_path: str) -> None:
     raw = json.load(open(raw_path))
     medians = {b["name"]: b["stats"]["median"] * 1e3 for b in raw["benchmarks"]}
     extra = {b["name"]: b["extra_info"] for b in raw["benchmarks"]}
-    rows = []
-    for name, median in medians.items():
+    rows = [] if "model" not in out_path else model_rows(raw)
+    for name, median in medians.items() if not rows else ():
         test, _, params = name.partition("[")
         parts = params.rstrip("]").split("-")
         impl = parts[0]

@@ -52,7 +52,7 @@ class WiseConfig:
     n_replay: int = 2                      # retrieve + replay: edits of the last frozen memory kept off
     early_stop_loss: float = 0.01
     seed: int = 0
-    unrelated_prompt: str = "The weather today is"  # margin loss reference when a request has no loc_prompt
+    unrelated_prompt: str = "The weather today is"  # joins the sampled references when none are given
 
     def __post_init__(self):
         if self.act_margin is not None:

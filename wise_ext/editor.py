@@ -98,6 +98,7 @@ class WiseEditor:
         self._reference: Optional[TokenRows] = None  # the reference prompts' layer inputs (not saved: recomputed)
         self._additive: Optional[bool] = None        # see EditSession
         self._main_rms: Optional[float] = None
+        self._samples: Optional[list[str]] = None
 
     # ---- public API ----
     def edit(self, request: RequestLike) -> EditResult:
@@ -327,6 +328,11 @@ class WiseEditor:
     def _sampled_texts(self) -> list[str]:
         """Short texts sampled once from the unedited model: context prefixes for the
         edit prompts (the paper's and EasyEdit's practice) and unrelated references."""
+        if self._samples is None:
+            self._samples = self._sample_texts()
+        return self._samples
+
+    def _sample_texts(self) -> list[str]:
         start = self.tokenizer.bos_token_id
         if start is None:
             start = self.tokenizer.eos_token_id
@@ -401,7 +407,6 @@ class WiseEditor:
                     if lm_v < cfg.early_stop_loss and margin_v == 0.0:
                         break
                 with torch.no_grad():
-                    session.hidden()
                     # The threshold comes from the request's own prompt, as it will be asked.
                     edit_rows = TokenRows.from_batch(session.layer_input[:1], layer.editing.y_main[:1],
                                                      self._routing_mask(batch)[:1])

@@ -8,6 +8,7 @@ side memory on these texts cost one product with it, not a forward of the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -41,19 +42,20 @@ class TokenRows:
     def distances(self, y_side: Tensor, act: str) -> Tensor:
         return ops.routing_distance(self.y_main, y_side, act)
 
-    def mean(self, per_token: Tensor) -> Tensor:
+    def _counts(self) -> Tensor:
+        return torch.bincount(self.row, minlength=self.n_rows)
+
+    def mean(self, per_token: Tensor, counts: Optional[Tensor] = None) -> Tensor:
         """Per row, the mean over its tokens (differentiable)."""
-        total = per_token.new_zeros(self.n_rows).index_add(0, self.row, per_token)
-        count = torch.bincount(self.row, minlength=self.n_rows).clamp(min=1)
-        return total / count
+        counts = self._counts() if counts is None else counts
+        return per_token.new_zeros(self.n_rows).index_add(0, self.row, per_token) / counts.clamp(min=1)
 
     def reduce(self, per_token: Tensor, how: str) -> Tensor:
         """Per row, as inference reduces a sequence's token scores (``WiseLayer.token_reduce``)."""
-        mean = self.mean(per_token)
         if how == "mean":
-            return mean
+            return self.mean(per_token)
         top = per_token.new_full((self.n_rows,), float("-inf")).scatter_reduce(0, self.row, per_token, "amax")
         if how == "max":
             return top
-        long = torch.bincount(self.row, minlength=self.n_rows) > LONG_SEQUENCE
-        return torch.where(long, top, mean)
+        counts = self._counts()
+        return torch.where(counts > LONG_SEQUENCE, top, self.mean(per_token, counts))

@@ -123,6 +123,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, nargs="+", default=[10, 100], help="edit counts on the fact-LM")
     p.add_argument("--random-T", type=int, nargs="+", default=[10, 40], help="edit counts on the random LLaMA")
+    p.add_argument("--paper-T", type=int, nargs="+", default=[10, 100],
+                   help="edit counts on the fact-LM with the paper's margins (the comparison rows)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--testbeds", nargs="+", default=["factlm", "random"], choices=["factlm", "random"])
     p.add_argument("--modes", nargs="+", default=["merge", "retrieve"], choices=["merge", "retrieve"])
@@ -135,18 +137,22 @@ def main():
     for testbed in args.testbeds:
         for margins in args.margins:
             for mode in args.modes:
-                counts = args.T if testbed == "factlm" else args.random_T
+                counts = args.random_T if testbed == "random" else args.paper_T if margins == "paper" else args.T
                 for T in counts:
                     row, scores = run_one(testbed, margins, mode, T, records)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    write_rows(rows, args.out)  # every finished row survives an interrupted run
                     if T == max(counts) and mode == "merge":
                         histograms[f"{testbed}, {margins} margins, merge, T={T}"] = scores
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    os.replace(tmp, args.out)
     plot(rows, histograms, args.out.parent)
+
+
+def write_rows(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

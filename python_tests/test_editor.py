@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import wise_ext
-from wise_ext import WiseConfig, WiseEditor
+from wise_ext import WiseConfig, WiseEditor, ops
 from wise_ext.demo import build_tokenizer
 from wise_ext.requests import EditRequest
 
@@ -306,7 +306,9 @@ def test_an_edit_answers_the_new_target_and_leaves_unrelated_prompts_alone(token
     predicted = tokenizer.decode(logits(model, tokenizer, [EDIT.prompt])[0, -1].argmax())
     target = next(w for w in ("Marrow", "Tarsk", "Calder") if w != predicted)  # an answer the model does not give
     request = EditRequest(EDIT.prompt, target, rephrase=EDIT.rephrase)
-    editor = WiseEditor(model, tokenizer, WiseConfig(n_context_prefixes=2), reference_prompts=unrelated[:2])
+    # The question is in the half the steps train against; the other half (held out) sets the guard. In this
+    # 33-token world a held-out question's layer inputs are nearly the edit's own, which no guard can tell apart.
+    editor = WiseEditor(model, tokenizer, WiseConfig(n_context_prefixes=2), reference_prompts=[unrelated[1], unrelated[0]])
     assert editor.evaluate([request])["rel"] == 0.0
     result = editor.edit(request)
     assert result.score > result.threshold  # the edit's own prompt routes to the side memory
@@ -335,7 +337,7 @@ def test_merged_memory_gets_its_own_threshold(tokenizer, monkeypatch):
     # The merged memory's threshold is measured on it: its edits' scores, its reference guard.
     rows = editor._rows([EDIT.prompt, EDIT2.prompt], [EDIT.target_new, EDIT2.target_new])
     scores = editor._scores(rows, editor.layer.memories[0], editor.layer.token_reduce)
-    guard = float(editor._scores(editor._reference_rows(), editor.layer.memories[0], "mean").max())
+    guard = float(editor._scores(editor._reference_rows("guard"), editor.layer.memories[0], "mean").max())
     expected = max(editor.config.act_ratio * float(scores.min()), guard / editor.config.act_ratio)
     assert editor.layer.thresholds[0].item() == pytest.approx(expected, rel=1e-5)
 
@@ -351,3 +353,40 @@ def test_routing_mask_leaves_out_the_start_token():
     # Decoding one token with a cache: the mask covers the past, the ids only the new token.
     step = routing_mask(torch.ones(1, 5, dtype=torch.long), torch.tensor([[9]]), 2)
     assert step.tolist() == [[True] * 5]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_feature_shard_trains_only_the_weights_that_read_its_features(arch, tokenizer):
+    from wise_ext.preconditioner import shard_features
+
+    model = make_model(arch, tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(mask_ratio=0.3, **FAST))
+    editor.edit(EDIT)
+    layer = editor.layer
+    delta = layer.memories[0] - layer.weight
+    keep = shard_features(editor._features(), 0.3, editor.state.shard_seeds["0"])
+    untouched = delta[~keep] if layer.transpose else delta[:, ~keep]
+    trained = delta[keep] if layer.transpose else delta[:, keep]
+    assert torch.equal(untouched, torch.zeros_like(untouched))
+    assert trained.abs().max() > 0
+
+
+def test_entry_shards_are_the_papers_masks(tokenizer):
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(shard_by="entry", precondition_eps=None, **FAST))
+    editor.edit(EDIT)
+    delta = editor.layer.memories[0] - editor.layer.weight
+    mask = ops.shard_mask(delta.shape, editor.config.mask_ratio, editor.state.shard_seeds["0"])
+    assert torch.equal(delta[~mask], torch.zeros_like(delta[~mask]))
+    assert delta[mask].abs().max() > 0
+
+
+def test_the_locality_guard_is_measured_on_held_out_references(tokenizer):
+    refs = ["The weather today is fine", "Where was Rennet Hale born ?", "Who wrote The Glass Orchard ?"]
+    editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(**FAST), reference_prompts=refs)
+    train, guard = editor._reference_rows("train"), editor._reference_rows("guard")
+    assert (train.n_rows, guard.n_rows) == (2, 1)
+    torch.testing.assert_close(guard.a, editor._rows([refs[1]], None).a)
+    editor.edit(EDIT)
+    held_out = float(editor._scores(guard, editor.layer.memories[0], editor.layer.token_reduce).max())
+    assert editor.layer.thresholds[0].item() >= held_out / editor.config.act_ratio * (1 - 1e-6)

@@ -25,11 +25,16 @@ class WiseConfig:
 
     layer: Optional[str] = None            # e.g. "model.layers.27.mlp.down_proj"; None: a default per model
     mask_ratio: float = 0.2                # rho: fraction of the side memory one shard trains
+    # A shard trains the weights that read a random rho of the layer's input features ("feature"), or a
+    # random rho of the entries ("entry", the paper's masks); see wise_ext/preconditioner.py.
+    shard_by: str = "feature"
+    # Ridge preconditioner of every step, relative to the protected inputs' second moment; None: plain SGD.
+    precondition_eps: Optional[float] = 0.01
     edit_lr: Optional[float] = None        # SGD learning rate; None: calibrated (relative_lr)
-    relative_lr: float = 1.0               # first step's size relative to the main weight's RMS
+    relative_lr: float = 4.0               # first step's size relative to the main weight's RMS
     n_iter: int = 70
     norm_constraint: Optional[float] = None  # bound on |w_side - w_start| per entry; None: relative
-    relative_norm_constraint: float = 20.0   # that bound in units of the main weight's RMS
+    relative_norm_constraint: Optional[float] = None  # that bound in units of the main weight's RMS; None: none
     weight_decay: float = 0.0
     # Routing margins: alpha (unrelated scores <=), beta (edited >=), gamma (gap >=). By default they are
     # relative_margin x the layer's routing scale, measured on reference prompts; act_margin gives them
@@ -70,7 +75,10 @@ class WiseConfig:
         need(self.relative_lr > 0, "relative_lr", "must be > 0")
         need(isinstance(self.n_iter, int) and self.n_iter >= 1, "n_iter", "must be an integer >= 1")
         need(self.norm_constraint is None or self.norm_constraint >= 0, "norm_constraint", "must be >= 0")
-        need(self.relative_norm_constraint > 0, "relative_norm_constraint", "must be > 0")
+        need(self.relative_norm_constraint is None or self.relative_norm_constraint > 0, "relative_norm_constraint",
+             "must be > 0 or None")
+        need(self.shard_by in ("feature", "entry"), "shard_by", "must be 'feature' or 'entry'")
+        need(self.precondition_eps is None or self.precondition_eps > 0, "precondition_eps", "must be > 0 or None")
         for name in ("act_margin", "relative_margin"):
             value = getattr(self, name)
             need(value is None or (len(value) == 3 and min(value) >= 0), name, "must be (alpha, beta, gamma) >= 0")

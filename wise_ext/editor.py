@@ -17,11 +17,12 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from . import ops
 from .config import MERGE_METHODS, WiseConfig
 from .layer import WiseLayer, bind_attention_mask, routing_mask
+from .preconditioner import ridge_preconditioner, second_moment, shard_features, step_direction
 from .edit_session import EditSession, answer_logits, layer_inputs
 from .requests import EditRequest, context_limit, encode_answers, token_accuracy
 from .surgery import block_index_of, default_layer, get_module, model_activation, set_module
@@ -95,10 +96,13 @@ class WiseEditor:
                 raise ValueError("reference_prompts is empty")
             self.state.reference_prompts = prompts
         self.max_length = context_limit(model)
-        self._reference: Optional[TokenRows] = None  # the reference prompts' layer inputs (not saved: recomputed)
+        self._reference: Optional[dict] = None  # see _reference_rows (not saved: recomputed)
         self._additive: Optional[bool] = None        # see EditSession
         self._main_rms: Optional[float] = None
         self._samples: Optional[list[str]] = None
+        # Per memory: (edits counted, sum of their inputs' second moments per token-averaged edit);
+        # derived from state.memory_edits, so not saved.
+        self._moments: list[Optional[tuple[int, Tensor]]] = []
 
     # ---- public API ----
     def edit(self, request: RequestLike) -> EditResult:
@@ -207,6 +211,8 @@ class WiseEditor:
         cfg = self.config
         if cfg.norm_constraint is not None:
             return cfg.norm_constraint
+        if cfg.relative_norm_constraint is None:
+            return math.inf
         return cfg.relative_norm_constraint * self._weight_rms()
 
     def _weight_rms(self) -> float:
@@ -214,13 +220,18 @@ class WiseEditor:
             self._main_rms = float(self.layer.weight.detach().float().pow(2).mean().sqrt())
         return self._main_rms
 
-    def _reference_rows(self) -> TokenRows:
+    def _reference_rows(self, part: str = "train") -> TokenRows:
+        """The reference prompts' layer inputs, in two halves: "train" (every other prompt)
+        shapes the steps (margin loss, preconditioner), "guard" (the rest) sets the
+        locality guard, so the guard is measured on prompts the memory was not fitted to."""
         if self._reference is None:
             s = self.state
             if s.reference_prompts is None:
                 s.reference_prompts = [self.config.unrelated_prompt] + self._sampled_texts()
-            self._reference = self._rows(s.reference_prompts, None)
-        return self._reference
+            prompts = s.reference_prompts
+            train, guard = prompts[0::2], prompts[1::2] or prompts[0::2]
+            self._reference = {"train": self._rows(train, None), "guard": self._rows(guard, None)}
+        return self._reference[part]
 
     def _rows(self, prompts: Sequence[str], answers: Optional[Sequence[Optional[str]]], batch_size: int = 64):
         parts = []
@@ -246,7 +257,7 @@ class WiseEditor:
         s, ratio = self.state, self.config.act_ratio
         s.min_scores[index] = min(s.min_scores[index], float(edit_scores.min()))
         with torch.no_grad():
-            guard = float(self._scores(self._reference_rows(), self.layer.memories[index],
+            guard = float(self._scores(self._reference_rows("guard"), self.layer.memories[index],
                                        self.layer.token_reduce).max()) / ratio
         threshold = max(ratio * s.min_scores[index], guard)
         self.layer.set_threshold(index, threshold)
@@ -267,6 +278,7 @@ class WiseEditor:
         index = self.layer.add_memory(init)
         self.state.min_scores.append(math.inf)
         self.state.memory_edits.append(edits)
+        self._moments.append(None)
         return index
 
     def _start_shard(self) -> None:
@@ -294,6 +306,7 @@ class WiseEditor:
             target = s.merged
             self.layer.memories[target] = merged
             s.memory_edits[target] = s.memory_edits[target] + edits
+            self._moments[target] = None
         else:
             target = self._new_memory(merged, edits)
             if cfg.retrieve:
@@ -317,6 +330,7 @@ class WiseEditor:
         kept = [m for m in range(len(s.min_scores)) if m not in set(indices)]
         remap = {old: new for new, old in enumerate(kept)}
         s.min_scores = [s.min_scores[old] for old in kept]
+        self._moments = [self._moments[old] if old < len(self._moments) else None for old in kept]
         s.memory_edits = [s.memory_edits[old] for old in kept]
         s.shard_seeds = {str(remap[int(k)]): v for k, v in s.shard_seeds.items() if int(k) in remap}
         s.retrieved = [remap[i] for i in s.retrieved]
@@ -383,6 +397,12 @@ class WiseEditor:
         unrelated = self._unrelated_rows()
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         leaf = weight.detach().requires_grad_(True)
+        features = self._shard_features(index)
+        precond = None
+        if cfg.precondition_eps is not None:
+            precond = ridge_preconditioner(self._protected_moment(), features, cfg.precondition_eps)
+        # Feature shards fold the decay into the step (the op's mask would decay every entry).
+        ratio, decay = (cfg.mask_ratio, cfg.weight_decay) if cfg.shard_by == "entry" else (1.0, 0.0)
         was_training = self.model.training
         self.model.eval()
         loss_value, steps = float("nan"), 0
@@ -400,8 +420,9 @@ class WiseEditor:
                               + torch.relu(gamma - (s_edit[:, None] - s_unrel[None, :])).mean())
                     (lm + margin).backward()
                     with torch.no_grad():
-                        ops.sharded_sgd_step_(weight, leaf.grad, origin, self._learning_rate(leaf.grad), cfg.weight_decay,
-                                              cfg.mask_ratio, seed, self._norm_constraint())
+                        step = self._direction(leaf.grad, weight, features, precond)
+                        ops.sharded_sgd_step_(weight, step, origin, self._learning_rate(step), decay, ratio, seed,
+                                              self._norm_constraint())
                     lm_v, margin_v = torch.stack([lm.detach(), margin.detach()]).tolist()  # the one sync per step
                     loss_value = lm_v + margin_v
                     if lm_v < cfg.early_stop_loss and margin_v == 0.0:
@@ -415,6 +436,51 @@ class WiseEditor:
             self.model.train(was_training)
         threshold = self._set_threshold(index, scores)
         return EditResult(steps=steps, loss=loss_value, score=float(scores.min()), threshold=threshold)
+
+    # ---- step direction ----
+    def _features(self) -> int:
+        return self.layer.weight.shape[0 if self.layer.transpose else 1]
+
+    def _shard_features(self, index: int) -> Tensor:
+        device = self.layer.weight.device
+        if self.config.shard_by == "entry":
+            return torch.ones(self._features(), dtype=torch.bool, device=device)
+        return shard_features(self._features(), self.config.mask_ratio, self.state.shard_seeds[str(index)], device)
+
+    def _direction(self, grad: Tensor, weight: Tensor, features: Tensor, precond: Optional[Tensor]) -> Tensor:
+        step = step_direction(grad, features, precond, self.layer.transpose)
+        if self.config.shard_by == "feature" and self.config.weight_decay:
+            keep = features.view(-1, 1) if self.layer.transpose else features.view(1, -1)
+            step = step + self.config.weight_decay * weight * keep
+        return step
+
+    def _protected_moment(self) -> Tensor:
+        """Second moment of the inputs a step must leave alone: the reference prompts'
+        (per token) and, edit by edit, the edits that will share a memory with this
+        one (merge mode: the merged memory's and every open shard's)."""
+        s = self.state
+        ref = self._reference_rows()
+        moment = second_moment(ref.a) / max(1, ref.a.shape[0])
+        held = list(s.shards) + ([s.merged] if not self.config.retrieve and s.merged is not None else [])
+        for index in held:
+            moment = moment + self._edit_moment(index)
+        return moment
+
+    def _edit_moment(self, index: int) -> Tensor:
+        """Sum over the memory's edits of their (prompt + target) inputs' mean second
+        moment, kept up to date edit by edit."""
+        edits = self.state.memory_edits[index]
+        self._moments += [None] * (self.layer.num_memories - len(self._moments))
+        counted, moment = self._moments[index] or (0, None)
+        if moment is None:
+            moment = torch.zeros(self._features(), self._features(), device=self.layer.weight.device)
+        if counted < len(edits):
+            new = edits[counted:]
+            rows = self._rows([p for p, _ in new], [t for _, t in new])
+            weight = (1.0 / rows.counts().clamp(min=1).float())[rows.row].sqrt()
+            moment = moment + second_moment(rows.a.float() * weight.unsqueeze(1))
+        self._moments[index] = (len(edits), moment)
+        return moment
 
     # ---- evaluation helpers ----
     def _batches(self, n: int, size: int):

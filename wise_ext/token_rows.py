@@ -42,12 +42,13 @@ class TokenRows:
     def distances(self, y_side: Tensor, act: str) -> Tensor:
         return ops.routing_distance(self.y_main, y_side, act)
 
-    def _counts(self) -> Tensor:
+    def counts(self) -> Tensor:
+        """Tokens per row."""
         return torch.bincount(self.row, minlength=self.n_rows)
 
     def mean(self, per_token: Tensor, counts: Optional[Tensor] = None) -> Tensor:
         """Per row, the mean over its tokens (differentiable)."""
-        counts = self._counts() if counts is None else counts
+        counts = self.counts() if counts is None else counts
         return per_token.new_zeros(self.n_rows).index_add(0, self.row, per_token) / counts.clamp(min=1)
 
     def reduce(self, per_token: Tensor, how: str) -> Tensor:
@@ -57,5 +58,5 @@ class TokenRows:
         top = per_token.new_full((self.n_rows,), float("-inf")).scatter_reduce(0, self.row, per_token, "amax")
         if how == "max":
             return top
-        counts = self._counts()
+        counts = self.counts()
         return torch.where(counts > LONG_SEQUENCE, top, self.mean(per_token, counts))

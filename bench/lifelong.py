@@ -87,7 +87,7 @@ def run_one(testbed: str, margins: str, mode: str, T: int, records: list[dict]) 
     return row, scores
 
 
-def plot(rows: list[dict], histograms: dict, out_dir: Path) -> None:
+def plot(rows: list[dict], histograms: dict, out_dir: Path, suffix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +116,7 @@ def plot(rows: list[dict], histograms: dict, out_dir: Path) -> None:
         ax.set_xlabel("routing score (dashed: thresholds)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "lifelong-routing-scores.png", dpi=110)
+    fig.savefig(out_dir / f"lifelong-routing-scores{suffix}.png", dpi=110)
 
 
 def main():
@@ -130,10 +130,15 @@ def main():
     p.add_argument("--modes", nargs="+", default=["merge", "retrieve"], choices=["merge", "retrieve"])
     p.add_argument("--margins", nargs="+", default=["calibrated", "paper"], choices=["calibrated", "paper"])
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in --out (a long T run after the short ones); its score histograms "
+                        "go to lifelong-routing-scores-<T>.png")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     records = factlm.zsre_records()
     rows, histograms = [], {}
+    if args.append and args.out.exists():
+        rows = json.loads(args.out.read_text())
     for testbed in args.testbeds:
         for margins in args.margins:
             for mode in args.modes:
@@ -145,7 +150,7 @@ def main():
                     write_rows(rows, args.out)  # every finished row survives an interrupted run
                     if T == max(counts) and mode == "merge":
                         histograms[f"{testbed}, {margins} margins, merge, T={T}"] = scores
-    plot(rows, histograms, args.out.parent)
+    plot(rows, histograms, args.out.parent, "-" + "-".join(map(str, args.T)) if args.append else "")
 
 
 def write_rows(rows: list[dict], out: Path) -> None:

@@ -460,8 +460,10 @@ class WiseEditor:
         one (merge mode: the merged memory's and every open shard's)."""
         s = self.state
         ref = self._reference_rows()
-        moment = second_moment(ref.a) / max(1, ref.a.shape[0])
         held = list(s.shards) + ([s.merged] if not self.config.retrieve and s.merged is not None else [])
+        n_edits = sum(len(s.memory_edits[i]) for i in held)
+        # Unrelated texts keep at least half the say however many edits the memory holds.
+        moment = second_moment(ref.a) * ((1 + n_edits) / max(1, ref.a.shape[0]))
         for index in held:
             moment = moment + self._edit_moment(index)
         return moment

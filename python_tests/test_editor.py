@@ -360,7 +360,7 @@ def test_a_feature_shard_trains_only_the_weights_that_read_its_features(arch, to
     from wise_ext.preconditioner import shard_features
 
     model = make_model(arch, tokenizer)
-    editor = WiseEditor(model, tokenizer, WiseConfig(mask_ratio=0.3, **FAST))
+    editor = WiseEditor(model, tokenizer, WiseConfig(mask_ratio=0.3, weight_decay=0.1, **FAST))  # decay stays on it too
     editor.edit(EDIT)
     layer = editor.layer
     delta = layer.memories[0] - layer.weight

@@ -50,6 +50,11 @@ def test_step_direction_lives_on_the_shard_features(transpose):
     # GPT-2's Conv1D stores the transpose: the same step, transposed.
     torch.testing.assert_close(step_direction(grad.T.contiguous(), features, precond, transpose=True), step.T)
     assert torch.equal(step_direction(grad, features, None, False)[:, features], grad[:, features])
+    # No feature subset (entry shards): the whole gradient, preconditioned over every feature.
+    full = ridge_preconditioner(second_moment(a), None, 0.1)
+    torch.testing.assert_close(step_direction(grad, None, full, transpose=False), grad @ full)
+    torch.testing.assert_close(step_direction(grad.T.contiguous(), None, full, transpose=True), (grad @ full).T)
+    assert step_direction(grad, None, None, False) is grad
 
 
 def test_a_preconditioned_step_spares_the_protected_inputs():

@@ -100,9 +100,10 @@ class WiseEditor:
         self._additive: Optional[bool] = None        # see EditSession
         self._main_rms: Optional[float] = None
         self._samples: Optional[list[str]] = None
-        # Per memory: (edits counted, sum of their inputs' second moments per token-averaged edit);
+        # Memory index -> (edits counted, sum of their inputs' token-averaged second moments);
         # derived from state.memory_edits, so not saved.
-        self._moments: list[Optional[tuple[int, Tensor]]] = []
+        self._moments: dict[int, tuple[int, Tensor]] = {}
+        self._reference_moment: Optional[Tensor] = None  # per token, of the "train" references
 
     # ---- public API ----
     def edit(self, request: RequestLike) -> EditResult:
@@ -278,7 +279,6 @@ class WiseEditor:
         index = self.layer.add_memory(init)
         self.state.min_scores.append(math.inf)
         self.state.memory_edits.append(edits)
-        self._moments.append(None)
         return index
 
     def _start_shard(self) -> None:
@@ -306,7 +306,7 @@ class WiseEditor:
             target = s.merged
             self.layer.memories[target] = merged
             s.memory_edits[target] = s.memory_edits[target] + edits
-            self._moments[target] = None
+            self._moments.pop(target, None)
         else:
             target = self._new_memory(merged, edits)
             if cfg.retrieve:
@@ -330,7 +330,7 @@ class WiseEditor:
         kept = [m for m in range(len(s.min_scores)) if m not in set(indices)]
         remap = {old: new for new, old in enumerate(kept)}
         s.min_scores = [s.min_scores[old] for old in kept]
-        self._moments = [self._moments[old] if old < len(self._moments) else None for old in kept]
+        self._moments = {remap[i]: m for i, m in self._moments.items() if i in remap}
         s.memory_edits = [s.memory_edits[old] for old in kept]
         s.shard_seeds = {str(remap[int(k)]): v for k, v in s.shard_seeds.items() if int(k) in remap}
         s.retrieved = [remap[i] for i in s.retrieved]
@@ -401,8 +401,8 @@ class WiseEditor:
         precond = None
         if cfg.precondition_eps is not None:
             precond = ridge_preconditioner(self._protected_moment(), features, cfg.precondition_eps)
-        # Feature shards fold the decay into the step (the op's mask would decay every entry).
-        ratio, decay = (cfg.mask_ratio, cfg.weight_decay) if cfg.shard_by == "entry" else (1.0, 0.0)
+        # Entry shards: the op draws the mask; feature shards: the step is already zero off the shard.
+        ratio = cfg.mask_ratio if cfg.shard_by == "entry" else 1.0
         was_training = self.model.training
         self.model.eval()
         loss_value, steps = float("nan"), 0
@@ -421,7 +421,7 @@ class WiseEditor:
                     (lm + margin).backward()
                     with torch.no_grad():
                         step = self._direction(leaf.grad, weight, features, precond)
-                        ops.sharded_sgd_step_(weight, step, origin, self._learning_rate(step), decay, ratio, seed,
+                        ops.sharded_sgd_step_(weight, step, origin, self._learning_rate(step), 0.0, ratio, seed,
                                               self._norm_constraint())
                     lm_v, margin_v = torch.stack([lm.detach(), margin.detach()]).tolist()  # the one sync per step
                     loss_value = lm_v + margin_v
@@ -441,29 +441,37 @@ class WiseEditor:
     def _features(self) -> int:
         return self.layer.weight.shape[0 if self.layer.transpose else 1]
 
-    def _shard_features(self, index: int) -> Tensor:
-        device = self.layer.weight.device
+    def _shard_features(self, index: int) -> Optional[Tensor]:
+        """The input features the shard trains; None for entry shards (all features, the op's mask)."""
         if self.config.shard_by == "entry":
-            return torch.ones(self._features(), dtype=torch.bool, device=device)
-        return shard_features(self._features(), self.config.mask_ratio, self.state.shard_seeds[str(index)], device)
+            return None
+        return shard_features(self._features(), self.config.mask_ratio, self.state.shard_seeds[str(index)],
+                              self.layer.weight.device)
 
-    def _direction(self, grad: Tensor, weight: Tensor, features: Tensor, precond: Optional[Tensor]) -> Tensor:
+    def _direction(self, grad: Tensor, weight: Tensor, features: Optional[Tensor],
+                   precond: Optional[Tensor]) -> Tensor:
+        """The step the op takes: the preconditioned gradient plus weight decay (not
+        preconditioned), on the shard's features only; the op masks entry shards."""
         step = step_direction(grad, features, precond, self.layer.transpose)
-        if self.config.shard_by == "feature" and self.config.weight_decay:
-            keep = features.view(-1, 1) if self.layer.transpose else features.view(1, -1)
-            step = step + self.config.weight_decay * weight * keep
-        return step
+        decay = self.config.weight_decay
+        if not decay:
+            return step
+        if features is not None:
+            weight = weight * (features.view(-1, 1) if self.layer.transpose else features.view(1, -1))
+        return step + decay * weight
 
     def _protected_moment(self) -> Tensor:
         """Second moment of the inputs a step must leave alone: the reference prompts'
         (per token) and, edit by edit, the edits that will share a memory with this
         one (merge mode: the merged memory's and every open shard's)."""
         s = self.state
-        ref = self._reference_rows()
+        if self._reference_moment is None:
+            ref = self._reference_rows()
+            self._reference_moment = second_moment(ref.a) / max(1, ref.a.shape[0])
         held = list(s.shards) + ([s.merged] if not self.config.retrieve and s.merged is not None else [])
         n_edits = sum(len(s.memory_edits[i]) for i in held)
         # Unrelated texts keep at least half the say however many edits the memory holds.
-        moment = second_moment(ref.a) * ((1 + n_edits) / max(1, ref.a.shape[0]))
+        moment = self._reference_moment * (1 + n_edits)
         for index in held:
             moment = moment + self._edit_moment(index)
         return moment
@@ -472,15 +480,12 @@ class WiseEditor:
         """Sum over the memory's edits of their (prompt + target) inputs' mean second
         moment, kept up to date edit by edit."""
         edits = self.state.memory_edits[index]
-        self._moments += [None] * (self.layer.num_memories - len(self._moments))
-        counted, moment = self._moments[index] or (0, None)
-        if moment is None:
-            moment = torch.zeros(self._features(), self._features(), device=self.layer.weight.device)
+        counted, moment = self._moments.get(index, (0, 0.0))
         if counted < len(edits):
             new = edits[counted:]
             rows = self._rows([p for p, _ in new], [t for _, t in new])
-            weight = (1.0 / rows.counts().clamp(min=1).float())[rows.row].sqrt()
-            moment = moment + second_moment(rows.a.float() * weight.unsqueeze(1))
+            weight = rows.counts().clamp(min=1).float().rsqrt()[rows.row]
+            moment = moment + second_moment(rows.a * weight.unsqueeze(1))
         self._moments[index] = (len(edits), moment)
         return moment
 

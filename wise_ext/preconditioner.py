@@ -40,10 +40,10 @@ def second_moment(a: Tensor) -> Tensor:
     return a.T @ a
 
 
-def ridge_preconditioner(moment: Tensor, features: Tensor, eps: float) -> Tensor:
-    """``lam (K_ff + lam I)^-1`` on the shard's features ``f``, with ``lam`` = eps x the
-    mean of K's diagonal there (so eps is free of the activations' scale)."""
-    k = moment[features][:, features].double()
+def ridge_preconditioner(moment: Tensor, features: Optional[Tensor], eps: float) -> Tensor:
+    """``lam (K_ff + lam I)^-1`` on the shard's features ``f`` (None: all of them), with
+    ``lam`` = eps x the mean of K's diagonal there (so eps is free of the activations' scale)."""
+    k = (moment if features is None else moment[features][:, features]).double()
     lam = eps * float(k.diagonal().mean())
     if not lam > 0:  # no reference activation on these features: nothing to protect
         return torch.eye(k.shape[0], dtype=moment.dtype, device=moment.device)
@@ -51,9 +51,14 @@ def ridge_preconditioner(moment: Tensor, features: Tensor, eps: float) -> Tensor
     return (lam * torch.linalg.inv(k + lam * eye)).to(moment.dtype)
 
 
-def step_direction(grad: Tensor, features: Tensor, precond: Optional[Tensor], transpose: bool) -> Tensor:
-    """The gradient on the shard's features, preconditioned; zero on every other
-    weight. ``transpose``: GPT-2's Conv1D keeps input features on the rows."""
+def step_direction(grad: Tensor, features: Optional[Tensor], precond: Optional[Tensor], transpose: bool) -> Tensor:
+    """The gradient on the shard's features (None: all of them), preconditioned; zero on
+    every other weight. ``transpose``: GPT-2's Conv1D keeps input features on the rows."""
+    if features is None:
+        if precond is None:
+            return grad
+        g = grad.float()
+        return (precond @ g if transpose else g @ precond).to(grad.dtype)
     out = torch.zeros_like(grad)
     if transpose:
         g = grad[features].float()

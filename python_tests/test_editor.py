@@ -277,6 +277,31 @@ def test_cli_edit_and_eval_on_zsre_records(tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--checkpoint", str(tmp_path / "nope"), "--data", ZSRE]) == 2
 
 
+def test_a_shard_trains_on_top_of_the_other_open_shards(tokenizer, monkeypatch):
+    """The merge adds the open shards' changes together, so an edit trains with the
+    other open shards' changes in place: none for the first shard, the first shard's
+    for the second."""
+    from wise_ext import editor as editor_module
+
+    offsets = []
+    real = editor_module.EditSession
+
+    def spy(*args, **kwargs):
+        session = real(*args, **kwargs)
+        offsets.append(None if session.offset is None else session.offset.clone())
+        return session
+
+    monkeypatch.setattr(editor_module, "EditSession", spy)
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(save_freq=1, merge_freq=2, **FAST))
+    editor.edit(EDIT)
+    first_shard = editor.layer.memories[0].clone()
+    editor.edit(EDIT2)
+    assert offsets[0] is None
+    torch.testing.assert_close(offsets[1], first_shard - editor.layer.weight, rtol=0, atol=0)
+    assert offsets[1].abs().max() > 0
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_edit_session_computes_what_the_model_computes(arch, tokenizer):
     """The cached edit forward (lower blocks and the edited block replayed) gives the
@@ -294,8 +319,13 @@ def test_edit_session_computes_what_the_model_computes(arch, tokenizer):
         with EditSession(model, editor.layer, editor.block_index, inputs, side) as session:
             assert session.additive  # every supported architecture adds the projection into the residual
             fast, target = answer_logits(model, session.hidden(), batch["labels"])
+        # A trained memory with an offset (the other open shards' changes) answers as their sum.
+        offset = 0.05 * torch.randn_like(side)
+        with EditSession(model, editor.layer, editor.block_index, inputs, side - offset, offset=offset) as session:
+            shifted, _ = answer_logits(model, session.hidden(), batch["labels"])
     keep = batch["labels"][:, 1:] != -100
     torch.testing.assert_close(fast, full[:, :-1][keep], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shifted, fast, rtol=1e-4, atol=1e-5)
     assert torch.equal(target, batch["labels"][:, 1:][keep])
 
 

@@ -288,6 +288,17 @@ class WiseEditor:
         s.shard_seeds[str(index)] = self._shard_seed(s.n_shards)
         s.n_shards += 1
 
+    def _open_offset(self, index: int) -> Optional[Tensor]:
+        """What the next merge adds to shard ``index``: the other open shards' changes.
+        Feature shards barely overlap, so the merge is close to their sum; an edit
+        trained on top of it keeps its answers through the merge, and the shards
+        trained before it cannot overwrite them there."""
+        others = [i for i in self.state.shards if i != index]
+        if not others:
+            return None
+        origin = self._shard_origin()
+        return sum(self.layer.memories[i] - origin for i in others)
+
     def _merge(self) -> None:
         s, cfg = self.state, self.config
         shards = list(s.shards)
@@ -395,6 +406,7 @@ class WiseEditor:
         origin = self._shard_origin()
         weight = layer.memories[index]
         unrelated = self._unrelated_rows()
+        offset = self._open_offset(index)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         leaf = weight.detach().requires_grad_(True)
         features = self._shard_features(index)
@@ -407,7 +419,7 @@ class WiseEditor:
         self.model.eval()
         loss_value, steps = float("nan"), 0
         try:
-            with EditSession(self.model, layer, self.block_index, inputs, leaf, self._additive) as session:
+            with EditSession(self.model, layer, self.block_index, inputs, leaf, self._additive, offset) as session:
                 self._additive = session.additive
                 span = batch["span"]
                 for steps in range(1, cfg.n_iter + 1):
@@ -415,7 +427,7 @@ class WiseEditor:
                     logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
                     lm = F.cross_entropy(logits.float(), targets)
                     s_edit = (session.distances * span).sum(1) / span.sum(1)
-                    s_unrel = self._scores(unrelated, leaf)
+                    s_unrel = self._scores(unrelated, leaf if offset is None else leaf + offset)
                     margin = (torch.relu(s_unrel - alpha).mean() + torch.relu(beta - s_edit).mean()
                               + torch.relu(gamma - (s_edit[:, None] - s_unrel[None, :])).mean())
                     (lm + margin).backward()
@@ -470,10 +482,10 @@ class WiseEditor:
             self._reference_moment = second_moment(ref.a) / max(1, ref.a.shape[0])
         held = list(s.shards) + ([s.merged] if not self.config.retrieve and s.merged is not None else [])
         n_edits = sum(len(s.memory_edits[i]) for i in held)
-        # Unrelated texts keep at least half the say however many edits the memory holds.
+        # The references weigh one token per held edit (and one more), each edit edit_protection tokens.
         moment = self._reference_moment * (1 + n_edits)
         for index in held:
-            moment = moment + self._edit_moment(index)
+            moment = moment + self.config.edit_protection * self._edit_moment(index)
         return moment
 
     def _edit_moment(self, index: int) -> Tensor:

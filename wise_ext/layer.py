@@ -19,6 +19,7 @@ class EditingState:
     weight: Tensor                     # leaf sharing storage with memories[index]; gradients land here
     y_main: Optional[Tensor] = None    # the main memory's output: the layer's input is fixed within an edit
     distances: Optional[Tensor] = None # (batch, tokens) routing distance of the last forward
+    offset: Optional[Tensor] = None    # added to weight: what the next merge will add to this memory
 
 
 class WiseLayer(nn.Module):
@@ -132,7 +133,7 @@ class WiseLayer(nn.Module):
         if state.y_main is None or state.y_main.shape[:-1] != a.shape[:-1]:
             with torch.no_grad():
                 state.y_main = self.base_layer(a)
-        y_side = self.linear(a, state.weight)
+        y_side = self.linear(a, state.weight if state.offset is None else state.weight + state.offset)
         state.distances = ops.routing_distance(state.y_main, y_side, self.routing_act)
         return y_side
 

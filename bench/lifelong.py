@@ -4,7 +4,7 @@ Testbeds: the fact-knowing LLaMA of bench/factlm.py, and a tiny random LLaMA
 (hidden 256, 4 layers) with the same tokenizer. Edits are records 0..T-1 (prompt
 `src`, new target `alt`, paraphrase `rephrase`, locality `loc` / `loc_ans`). The
 routing references (margin loss, locality guard) are the locality questions of
-records 1000-1063, never evaluated. Each (testbed, margins, mode, T) starts from a
+records 1000-1255, never evaluated. Each (testbed, margins, mode, T) starts from a
 fresh model. Shards: save_freq = T/4 and merge_freq = 2 x save_freq, so every run
 goes through merges (WISE-Merge) or freezes memories (WISE-Retrieve).
 
@@ -28,7 +28,7 @@ from wise_ext.requests import EditRequest, encode_answers
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "lifelong-factlm.json"
-REFERENCE = slice(1000, 1064)
+REFERENCE = slice(1000, 1256)
 PAPER_MARGINS = dict(act_margin=(5.0, 20.0, 10.0), edit_lr=1.0, norm_constraint=1.0)  # EasyEdit's llama-7b
 
 

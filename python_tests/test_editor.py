@@ -136,7 +136,6 @@ def test_shards_merges_and_thresholds_over_a_stream(retrieve, tokenizer):
         assert s.n_edits == n
         assert editor.layer.num_memories == len(s.min_scores) == len(s.memory_edits)
         assert sum(len(e) for e in s.memory_edits) == n
-        assert (editor.layer.thresholds >= torch.tensor(s.min_scores) * cfg.act_ratio * (1 - 1e-6)).all()
         # Every threshold sits above the unrelated reference prompts: they stay on the main memory.
         logits(model, tokenizer, s.reference_prompts)
         assert editor.layer.last_choice.tolist() == [-1] * len(s.reference_prompts)
@@ -357,9 +356,13 @@ def test_absolute_margins_far_from_the_model_scale_warn(tokenizer):
     assert editor.state.margins == [5.0, 20.0, 10.0] and editor.state.edit_lr is None
 
 
-def test_merged_memory_gets_its_own_threshold(tokenizer, monkeypatch):
+@pytest.mark.parametrize("threshold_from", ["references", "edits"])
+def test_merged_memory_gets_its_own_threshold(threshold_from, tokenizer):
     model = make_model("llama", tokenizer)
-    editor = WiseEditor(model, tokenizer, WiseConfig(save_freq=1, merge_freq=2, **FAST))
+    cfg = WiseConfig(save_freq=1, merge_freq=2, threshold_from=threshold_from, guard_quantile=0.9, **FAST)
+    refs = ["The weather today is fine", "Where was Rennet Hale born ?", "The weather today", "Where was Calder born ?",
+            "The Glass Orchard is fine", "Who was born today ?"]
+    editor = WiseEditor(model, tokenizer, cfg, reference_prompts=refs)
     editor.edit(EDIT)
     editor.edit(EDIT2)
     s = editor.state
@@ -367,8 +370,10 @@ def test_merged_memory_gets_its_own_threshold(tokenizer, monkeypatch):
     # The merged memory's threshold is measured on it: its edits' scores, its reference guard.
     rows = editor._rows([EDIT.prompt, EDIT2.prompt], [EDIT.target_new, EDIT2.target_new])
     scores = editor._scores(rows, editor.layer.memories[0], editor.layer.token_reduce)
-    guard = float(editor._scores(editor._reference_rows("guard"), editor.layer.memories[0], "mean").max())
-    expected = max(editor.config.act_ratio * float(scores.min()), guard / editor.config.act_ratio)
+    held_out = editor._scores(editor._reference_rows("guard"), editor.layer.memories[0], "mean")
+    assert held_out.numel() > 2
+    guard = float(torch.quantile(held_out, 0.9)) / cfg.act_ratio
+    expected = guard if threshold_from == "references" else max(cfg.act_ratio * float(scores.min()), guard)
     assert editor.layer.thresholds[0].item() == pytest.approx(expected, rel=1e-5)
 
 

@@ -253,14 +253,15 @@ class WiseEditor:
         return rows.mean(d) if reduce is None else rows.reduce(d, reduce)
 
     def _set_threshold(self, index: int, edit_scores: torch.Tensor) -> float:
-        """Between the memory's edits and the unrelated prompts: act_ratio below its
-        weakest edit, and never less than 1/act_ratio above the highest reference score."""
-        s, ratio = self.state, self.config.act_ratio
+        """Between the memory's edits and the unrelated prompts (WiseConfig.threshold_from):
+        1/act_ratio above the held-out references' guard_quantile score, or act_ratio below
+        the memory's weakest edit and never under that guard."""
+        s, cfg = self.state, self.config
         s.min_scores[index] = min(s.min_scores[index], float(edit_scores.min()))
         with torch.no_grad():
-            guard = float(self._scores(self._reference_rows("guard"), self.layer.memories[index],
-                                       self.layer.token_reduce).max()) / ratio
-        threshold = max(ratio * s.min_scores[index], guard)
+            held_out = self._scores(self._reference_rows("guard"), self.layer.memories[index], self.layer.token_reduce)
+        guard = float(torch.quantile(held_out.float(), cfg.guard_quantile)) / cfg.act_ratio
+        threshold = guard if cfg.threshold_from == "references" else max(cfg.act_ratio * s.min_scores[index], guard)
         self.layer.set_threshold(index, threshold)
         return threshold
 

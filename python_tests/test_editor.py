@@ -299,6 +299,7 @@ def test_a_shard_trains_on_top_of_the_other_open_shards(tokenizer, monkeypatch):
     assert offsets[0] is None
     torch.testing.assert_close(offsets[1], first_shard - editor.layer.weight, rtol=0, atol=0)
     assert offsets[1].abs().max() > 0
+    assert editor.layer.weight.grad is None  # the base model's weight stays out of the edit's graph
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -246,10 +246,13 @@ class WiseEditor:
     def _routing_mask(self, batch: dict) -> torch.Tensor:
         return routing_mask(batch["attention_mask"], batch["input_ids"], getattr(self.model.config, "bos_token_id", None))
 
-    def _scores(self, rows: TokenRows, weight: torch.Tensor, reduce: Optional[str] = None) -> torch.Tensor:
-        """Routing scores of ``rows`` against one side memory: differentiable mean per
-        row while training, else reduced as inference reduces them."""
-        d = rows.distances(self.layer.linear(rows.a, weight), self.layer.routing_act)
+    def _scores(self, rows: TokenRows, weight: torch.Tensor, reduce: Optional[str] = None,
+                y_offset: Optional[Tensor] = None) -> torch.Tensor:
+        """Routing scores of ``rows`` against one side memory (plus ``y_offset``, an output
+        fixed for these rows): differentiable mean per row while training, else reduced
+        as inference reduces them."""
+        y = self.layer.linear(rows.a, weight)
+        d = rows.distances(y if y_offset is None else y + y_offset, self.layer.routing_act)
         return rows.mean(d) if reduce is None else rows.reduce(d, reduce)
 
     def _set_threshold(self, index: int, edit_scores: torch.Tensor) -> float:
@@ -297,7 +300,7 @@ class WiseEditor:
         others = [i for i in self.state.shards if i != index]
         if not others:
             return None
-        origin = self._shard_origin()
+        origin = self._shard_origin().detach()  # the main weight is a parameter: keep the base model out of the graph
         return sum(self.layer.memories[i] - origin for i in others)
 
     def _merge(self) -> None:
@@ -408,6 +411,8 @@ class WiseEditor:
         weight = layer.memories[index]
         unrelated = self._unrelated_rows()
         offset = self._open_offset(index)
+        # The offset is fixed within the edit: its output on the unrelated rows is too.
+        unrelated_offset = None if offset is None else layer.linear(unrelated.a, offset, bias=False)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         leaf = weight.detach().requires_grad_(True)
         features = self._shard_features(index)
@@ -428,7 +433,7 @@ class WiseEditor:
                     logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
                     lm = F.cross_entropy(logits.float(), targets)
                     s_edit = (session.distances * span).sum(1) / span.sum(1)
-                    s_unrel = self._scores(unrelated, leaf if offset is None else leaf + offset)
+                    s_unrel = self._scores(unrelated, leaf, y_offset=unrelated_offset)
                     margin = (torch.relu(s_unrel - alpha).mean() + torch.relu(beta - s_edit).mean()
                               + torch.relu(gamma - (s_edit[:, None] - s_unrel[None, :])).mean())
                     (lm + margin).backward()

@@ -20,6 +20,7 @@ class EditingState:
     y_main: Optional[Tensor] = None    # the main memory's output: the layer's input is fixed within an edit
     distances: Optional[Tensor] = None # (batch, tokens) routing distance of the last forward
     offset: Optional[Tensor] = None    # added to weight: what the next merge will add to this memory
+    y_offset: Optional[Tensor] = None  # the offset's output on that fixed input, computed once like y_main
 
 
 class WiseLayer(nn.Module):
@@ -93,12 +94,13 @@ class WiseLayer(nn.Module):
             self.enabled = previous
 
     # ---- forward ----
-    def linear(self, a: Tensor, weight: Tensor) -> Tensor:
+    def linear(self, a: Tensor, weight: Tensor, bias: bool = True) -> Tensor:
+        b = self.bias if bias else None
         if self.transpose:
             flat = a.reshape(-1, a.shape[-1])
-            y = flat @ weight if self.bias is None else torch.addmm(self.bias, flat, weight)
+            y = flat @ weight if b is None else torch.addmm(b, flat, weight)
             return y.reshape(*a.shape[:-1], weight.shape[-1])
-        return F.linear(a, weight, self.bias)
+        return F.linear(a, weight, b)
 
     def forward(self, a: Tensor) -> Tensor:
         if self.editing is not None:
@@ -133,7 +135,12 @@ class WiseLayer(nn.Module):
         if state.y_main is None or state.y_main.shape[:-1] != a.shape[:-1]:
             with torch.no_grad():
                 state.y_main = self.base_layer(a)
-        y_side = self.linear(a, state.weight if state.offset is None else state.weight + state.offset)
+        if state.offset is not None and (state.y_offset is None or state.y_offset.shape[:-1] != a.shape[:-1]):
+            with torch.no_grad():
+                state.y_offset = self.linear(a, state.offset, bias=False)
+        y_side = self.linear(a, state.weight)
+        if state.y_offset is not None:
+            y_side = y_side + state.y_offset
         state.distances = ops.routing_distance(state.y_main, y_side, self.routing_act)
         return y_side
 

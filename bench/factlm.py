@@ -196,9 +196,10 @@ def main():
     p.add_argument("--records", type=int, default=FactLMSpec.n_records)
     p.add_argument("--epochs", type=int, default=FactLMSpec.max_epochs)
     p.add_argument("--lr", type=float, default=FactLMSpec.lr)
+    p.add_argument("--ffn", type=int, default=FactLMSpec.ffn, help="FFN width: the edited layer's input features")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    spec = FactLMSpec(n_records=args.records, max_epochs=args.epochs, lr=args.lr)
+    spec = FactLMSpec(n_records=args.records, max_epochs=args.epochs, lr=args.lr, ffn=args.ffn)
     _, _, report = load_or_train(spec)
     print(json.dumps(report, indent=1))
 

@@ -148,23 +148,31 @@ def test_shards_merges_and_thresholds_over_a_stream(retrieve, tokenizer):
     assert s.n_shards == 3
 
 
-def test_two_shards_merge_into_one_memory(tokenizer, monkeypatch):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_two_shards_merge_into_one_memory(normalize, tokenizer, monkeypatch):
     calls = []
     real = wise_ext.ops.ties_merge
 
     def spy(base, tensors, *args):
-        calls.append(([t.clone() for t in tensors], real(base, tensors, *args)))
-        return calls[-1][1]
+        calls.append((base.clone(), [t.clone() for t in tensors], args, real(base, tensors, *args)))
+        return calls[-1][-1]
 
     monkeypatch.setattr(wise_ext.ops, "ties_merge", spy)
     model = make_model("llama", tokenizer)
-    editor = WiseEditor(model, tokenizer, WiseConfig(save_freq=1, merge_freq=2, **FAST))
+    cfg = WiseConfig(save_freq=1, merge_freq=2, merge_normalize=normalize, density=1.0, **FAST)
+    editor = WiseEditor(model, tokenizer, cfg)
     editor.edit(EDIT)
     editor.edit(EDIT2)  # the second edit starts a second shard, then both merge
     assert editor.layer.num_memories == 1 and editor.state.merged == 0 and editor.state.shards == []
-    (shards, merged), = calls
+    (base, shards, args, merged), = calls
     assert len(shards) == 2 and not torch.equal(shards[0], shards[1])
     assert torch.equal(editor.layer.memories[0], merged)
+    # Untrimmed, agreeing changes add up (the sum each shard was trained toward) or are averaged.
+    deltas = torch.stack([t - base for t in shards])
+    agree = deltas[0] * deltas[1] > 0
+    assert agree.any()
+    expected = deltas.sum(0) / (2 if normalize else 1)
+    torch.testing.assert_close((merged - base)[agree], expected[agree])
 
 
 def test_generate_with_kv_cache_and_sticky_routing(tokenizer):
@@ -376,6 +384,22 @@ def test_merged_memory_gets_its_own_threshold(threshold_from, tokenizer):
     guard = float(torch.quantile(held_out, 0.9)) / cfg.act_ratio
     expected = guard if threshold_from == "references" else max(cfg.act_ratio * float(scores.min()), guard)
     assert editor.layer.thresholds[0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_retrieve_guards_tighten_as_memories_are_frozen(tokenizer):
+    model = make_model("llama", tokenizer)
+    cfg = WiseConfig(save_freq=1, merge_freq=1, retrieve=True, guard_quantile=0.8, **FAST)
+    refs = ["The weather today is fine", "Where was Rennet Hale born ?", "The weather today", "Where was Calder born ?",
+            "The Glass Orchard is fine", "Who was born today ?", "The Glass Orchard", "Where was Hale born ?"]
+    editor = WiseEditor(model, tokenizer, cfg, reference_prompts=refs)
+    editor.edit(EDIT)
+    editor.edit(EDIT2)
+    assert editor.state.retrieved == [0, 1]
+    # An unrelated prompt leaves the main memory when either memory fires: each guard lets through half the share.
+    for m in range(2):
+        held_out = editor._scores(editor._reference_rows("guard"), editor.layer.memories[m], "mean")
+        guard = float(torch.quantile(held_out, 0.9)) / cfg.act_ratio
+        assert editor.layer.thresholds[m].item() == pytest.approx(guard, rel=1e-5)
 
 
 def test_routing_mask_leaves_out_the_start_token():

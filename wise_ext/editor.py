@@ -255,18 +255,28 @@ class WiseEditor:
         d = rows.distances(y if y_offset is None else y + y_offset, self.layer.routing_act)
         return rows.mean(d) if reduce is None else rows.reduce(d, reduce)
 
-    def _set_threshold(self, index: int, edit_scores: torch.Tensor) -> float:
+    def _set_threshold(self, index: int, edit_scores: Optional[torch.Tensor] = None) -> float:
         """Between the memory's edits and the unrelated prompts (WiseConfig.threshold_from):
         1/act_ratio above the held-out references' guard_quantile score, or act_ratio below
-        the memory's weakest edit and never under that guard."""
+        the memory's weakest edit and never under that guard. An unrelated prompt leaves the
+        main memory when any side memory fires, so with k memories routing each one's guard
+        lets through a k-th of the 1 - guard_quantile share."""
         s, cfg = self.state, self.config
-        s.min_scores[index] = min(s.min_scores[index], float(edit_scores.min()))
+        if edit_scores is not None:
+            s.min_scores[index] = min(s.min_scores[index], float(edit_scores.min()))
         with torch.no_grad():
             held_out = self._scores(self._reference_rows("guard"), self.layer.memories[index], self.layer.token_reduce)
-        guard = float(torch.quantile(held_out.float(), cfg.guard_quantile)) / cfg.act_ratio
+        level = 1 - (1 - cfg.guard_quantile) / self._routing_memories()
+        guard = float(torch.quantile(held_out.float(), level)) / cfg.act_ratio
         threshold = guard if cfg.threshold_from == "references" else max(cfg.act_ratio * s.min_scores[index], guard)
         self.layer.set_threshold(index, threshold)
         return threshold
+
+    def _routing_memories(self) -> int:
+        """The side memories that inference routes among: the merged or frozen ones and the open shards."""
+        s = self.state
+        frozen = len(s.retrieved) if self.config.retrieve else int(s.merged is not None)
+        return max(1, frozen + len(s.shards))
 
     # ---- shards, merges ----
     def _shard_seed(self, shard: int) -> int:
@@ -315,7 +325,7 @@ class WiseEditor:
                              f"({len(shards)} = merge_freq / save_freq)")
         base = self._shard_origin()
         merged = ops.ties_merge(base, [self.layer.memories[i] for i in shards], weights, cfg.density, sparsify,
-                                consensus, True, self._shard_seed(s.n_shards))
+                                consensus, cfg.merge_normalize, self._shard_seed(s.n_shards))
         edits = [e for i in shards for e in s.memory_edits[i]]
         if not cfg.retrieve and s.merged is not None:
             target = s.merged
@@ -328,6 +338,9 @@ class WiseEditor:
                 s.retrieved.append(target)
             else:
                 s.merged = target
+        self._drop_memories(shards)
+        s.shards = []
+        target = s.retrieved[-1] if cfg.retrieve else s.merged
         # The merged memory answers differently from every shard: its threshold is
         # measured on it, from all the edits it holds, not inherited.
         s.min_scores[target] = math.inf
@@ -336,8 +349,8 @@ class WiseEditor:
             scores = self._scores(self._rows(list(prompts), list(targets)), self.layer.memories[target],
                                   self.layer.token_reduce)
         self._set_threshold(target, scores)
-        self._drop_memories(shards)
-        s.shards = []
+        for index in s.retrieved[:-1]:  # one more memory routes: the earlier ones' guards tighten
+            self._set_threshold(index)
 
     def _drop_memories(self, indices: Sequence[int]) -> None:
         s = self.state

@@ -106,6 +106,8 @@ def plot(rows: list[dict], histograms: dict, out_dir: Path, suffix: str = "") ->
     fig.tight_layout()
     fig.savefig(out_dir / "lifelong-metrics.png", dpi=110)
 
+    if not histograms:  # a run of retrieve rows alone
+        return
     fig, axes = plt.subplots(1, len(histograms), figsize=(4.5 * len(histograms), 3.4), squeeze=False)
     for ax, (name, scores) in zip(axes[0], histograms.items()):
         for kind in ("edited", "paraphrase", "unrelated"):
@@ -131,8 +133,8 @@ def main():
     p.add_argument("--margins", nargs="+", default=["calibrated", "paper"], choices=["calibrated", "paper"])
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--append", action="store_true",
-                   help="keep the rows already in --out (a long T run after the short ones); its score histograms "
-                        "go to lifelong-routing-scores-<T>.png")
+                   help="keep the rows already in --out (a long T run after the short ones), replacing those this "
+                        "run repeats; its score histograms go to lifelong-routing-scores-<T>.png")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     records = factlm.zsre_records()
@@ -145,7 +147,8 @@ def main():
                 counts = args.random_T if testbed == "random" else args.paper_T if margins == "paper" else args.T
                 for T in counts:
                     row, scores = run_one(testbed, margins, mode, T, records)
-                    rows.append(row)
+                    key = (testbed, margins, mode, T)
+                    rows = [r for r in rows if (r["testbed"], r["margins"], r["mode"], r["T"]) != key] + [row]
                     print(json.dumps(row), flush=True)
                     write_rows(rows, args.out)  # every finished row survives an interrupted run
                     if T == max(counts) and mode == "merge":

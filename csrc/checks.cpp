@@ -115,7 +115,8 @@ TiesMergePlan check_ties_merge(const at::Tensor& base, at::TensorList tensors, a
 WiseFfnPlan check_wise_ffn(const at::Tensor& a, const at::Tensor& w_main, const at::Tensor& w_sides,
                            const std::optional<at::Tensor>& bias, const at::Tensor& thresholds,
                            const std::optional<at::Tensor>& token_mask, c10::string_view reduce,
-                           c10::string_view act, bool transpose, c10::DeviceType device) {
+                           c10::string_view act, bool transpose, c10::string_view select,
+                           c10::DeviceType device) {
   const char* op = "wise_ffn";
   check_float_tensor(a, op, "a", false);
   check_device(a, op, "a", device, a);
@@ -174,6 +175,13 @@ WiseFfnPlan check_wise_ffn(const at::Tensor& a, const at::Tensor& w_main, const 
     p.reduce = Reduce::Auto;
   } else {
     TORCH_CHECK_VALUE(false, op, ": reduce must be one of mean, max, auto, got '", std::string(reduce), "'");
+  }
+  if (select == "score") {
+    p.select = Select::Score;
+  } else if (select == "latest") {
+    p.select = Select::Latest;
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": select must be score or latest, got '", std::string(select), "'");
   }
   p.act = parse_act(act, op);
   return p;

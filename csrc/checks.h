@@ -12,6 +12,10 @@
 namespace wise_ext {
 
 enum class Reduce : int { Mean = 0, Max = 1, Auto = 2 };
+// Which side memory answers a sequence: the highest score (the paper's), or the
+// newest one over its threshold (retrieval with replay: newer memories were
+// trained to stay under the older memories' edits).
+enum class Select : int { Score = 0, Latest = 1 };
 
 wise::Act parse_act(c10::string_view name, const char* op);
 
@@ -29,12 +33,14 @@ TiesMergePlan check_ties_merge(const at::Tensor& base, at::TensorList tensors, a
 struct WiseFfnPlan {
   int64_t batch, tokens, in_features, out_features, memories;
   Reduce reduce;
+  Select select;
   wise::Act act;
 };
 WiseFfnPlan check_wise_ffn(const at::Tensor& a, const at::Tensor& w_main, const at::Tensor& w_sides,
                            const std::optional<at::Tensor>& bias, const at::Tensor& thresholds,
                            const std::optional<at::Tensor>& token_mask, c10::string_view reduce,
-                           c10::string_view act, bool transpose, c10::DeviceType device);
+                           c10::string_view act, bool transpose, c10::string_view select,
+                           c10::DeviceType device);
 
 wise::Act check_routing_distance(const at::Tensor& y_main, const at::Tensor& y_side, c10::string_view act,
                                  c10::DeviceType device);

@@ -20,7 +20,7 @@ TORCH_LIBRARY(wise_ext, m) {
       "str consensus=\"sum\", bool normalize=True, int seed=0) -> Tensor");
   m.def(
       "wise_ffn(Tensor a, Tensor w_main, Tensor w_sides, Tensor? bias, Tensor thresholds, Tensor? token_mask, "
-      "str reduce=\"mean\", str act=\"none\", bool transpose=False) -> (Tensor out, Tensor scores, Tensor choice)");
+      "str reduce=\"mean\", str act=\"none\", bool transpose=False, str select=\"score\") -> (Tensor out, Tensor scores, Tensor choice)");
   m.def("routing_distance(Tensor y_main, Tensor y_side, str act=\"none\") -> Tensor");
   m.def(
       "routing_distance_backward(Tensor grad, Tensor y_main, Tensor y_side, Tensor distance, str act) "

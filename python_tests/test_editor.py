@@ -402,6 +402,27 @@ def test_retrieve_guards_tighten_as_memories_are_frozen(tokenizer):
         assert editor.layer.thresholds[m].item() == pytest.approx(guard, rel=1e-5)
 
 
+def test_retrieve_replays_every_frozen_memory_and_picks_the_newest(tokenizer, tmp_path):
+    model = make_model("llama", tokenizer)
+    merging = WiseEditor(model, tokenizer, WiseConfig(**FAST))
+    assert merging.layer.select == "score"  # merge mode: the paper's
+    merging.detach()
+    cfg = WiseConfig(save_freq=1, merge_freq=1, retrieve=True, n_replay=2, **FAST)
+    editor = WiseEditor(model, tokenizer, cfg)
+    assert editor.layer.select == "latest"
+    third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
+    editor.edit_many([EDIT, EDIT2, third])
+    assert editor.state.retrieved == [0, 1, 2]
+    # Two replayed edits spread over three frozen memories: the first's and the last's.
+    expected = editor._rows([EDIT.prompt, third.prompt], [EDIT.target_new, third.target_new])
+    assert torch.equal(editor._replay_rows().a, expected.a)
+    editor.save_pretrained(str(tmp_path))
+    fresh = make_model("llama", tokenizer)
+    assert wise_ext.attach(fresh, str(tmp_path)).select == "latest"
+    with pytest.raises(ValueError, match="n_replay"):
+        WiseConfig(retrieve=True, n_replay=0)
+
+
 def test_routing_mask_leaves_out_the_start_token():
     from wise_ext.layer import routing_mask
 

@@ -35,14 +35,14 @@ def separating_thresholds(scores):
     return torch.tensor(thr)
 
 
-def check_against_reference(a, w_main, w_sides, bias, mask, reduce, act, transpose, dtype):
+def check_against_reference(a, w_main, w_sides, bias, mask, reduce, act, transpose, dtype, select="score"):
     expected = ref.wise_ffn(a.cpu(), w_main.cpu(), w_sides.cpu(), None if bias is None else bias.cpu(),
                             torch.full((w_sides.shape[0],), -1.0), None if mask is None else mask.cpu(),
                             reduce, act, transpose)
     thr = separating_thresholds(expected[1]).to(a.device)
     expected = ref.wise_ffn(a.cpu(), w_main.cpu(), w_sides.cpu(), None if bias is None else bias.cpu(), thr.cpu(),
-                            None if mask is None else mask.cpu(), reduce, act, transpose)
-    out, scores, choice = wise_ext.wise_ffn(a, w_main, w_sides, bias, thr, mask, reduce, act, transpose)
+                            None if mask is None else mask.cpu(), reduce, act, transpose, select)
+    out, scores, choice = wise_ext.wise_ffn(a, w_main, w_sides, bias, thr, mask, reduce, act, transpose, select)
     assert out.dtype == dtype and scores.dtype == torch.float32 and choice.dtype == torch.long
     assert torch.equal(choice.cpu(), expected[2])
     assert (choice >= 0).any() or w_sides.shape[0] == 0
@@ -68,6 +68,32 @@ def test_padding_mask_noncontiguous_and_no_bias(memories, device, dtype, gen):
     for b, pad in enumerate([0, 2, 6, 1, 3]):
         mask[b, :pad] = 0  # left padding, as generate() uses it
     check_against_reference(a, w_main, w_sides, None, mask.to(device), "mean", "silu", False, dtype)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_latest_select_matches_reference(transpose, device, dtype, gen):
+    a, w_main, w_sides, bias = layer_inputs(gen, dtype, device, batch=7, tokens=5, hidden=21, out=13, memories=3,
+                                            transpose=transpose, noncontiguous=True)
+    check_against_reference(a, w_main, w_sides, bias, None, "mean", "none", transpose, dtype, "latest")
+
+
+def test_latest_select_picks_the_newest_memory_over_its_threshold(device, gen):
+    # Memory 0 moves the output three times as far as memory 1 on every input: it has the higher score.
+    hidden, out = 16, 12
+    w_main = randn((out, hidden), gen, device=device)
+    delta = randn((out, hidden), gen, device=device)
+    w_sides = torch.stack([w_main + 3 * delta, w_main + delta])
+    a = randn((1, 4, hidden), gen, device=device)
+    _, scores, _ = wise_ext.wise_ffn(a, w_main, w_sides, None, [1e9, 1e9])
+    s0, s1 = scores[0].tolist()
+    assert s0 > s1 > 0
+    both = [s1 / 2, s1 / 2]
+    assert wise_ext.wise_ffn(a, w_main, w_sides, None, both).choice.item() == 0
+    y = wise_ext.wise_ffn(a, w_main, w_sides, None, both, select="latest")
+    assert y.choice.item() == 1
+    torch.testing.assert_close(y.out, torch.nn.functional.linear(a, w_sides[1]))
+    assert wise_ext.wise_ffn(a, w_main, w_sides, None, [s1 / 2, s1 * 2], select="latest").choice.item() == 0
+    assert wise_ext.wise_ffn(a, w_main, w_sides, None, [s0 * 2, s1 * 2], select="latest").choice.item() == -1
 
 
 def test_auto_reduce_switches_to_max_after_100_tokens(device, gen):
@@ -120,12 +146,13 @@ def test_two_dimensional_input(gen):
     assert torch.equal(y2.out, y3.out[0]) and torch.equal(y2.choice, y3.choice)
 
 
+@pytest.mark.parametrize("select", ["score", "latest"])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_opcheck(transpose, device, gen):
+def test_opcheck(transpose, select, device, gen):
     a, w_main, w_sides, bias = layer_inputs(gen, torch.float32, device, transpose=transpose)
     mask = torch.ones(a.shape[:2], dtype=torch.bool, device=device)
     thr = torch.zeros(w_sides.shape[0], device=device)
-    opcheck(torch.ops.wise_ext.wise_ffn, (a, w_main, w_sides, bias, thr, mask, "mean", "gelu", transpose))
+    opcheck(torch.ops.wise_ext.wise_ffn, (a, w_main, w_sides, bias, thr, mask, "mean", "gelu", transpose, select))
 
 
 def test_compiles_with_torch_compile(gen):
@@ -152,6 +179,7 @@ BAD = [
     (lambda a, wm, ws, b, t, m: (a, wm, ws, b, t, m.float()), "token_mask must be bool or integer"),
     (lambda a, wm, ws, b, t, m: (a, wm, ws, b, t, m, "median"), "reduce must be one of"),
     (lambda a, wm, ws, b, t, m: (a, wm, ws, b, t, m, "mean", "tanh"), "act must be one of"),
+    (lambda a, wm, ws, b, t, m: (a, wm, ws, b, t, m, "mean", "none", False, "best"), "select must be score or latest"),
     (lambda a, wm, ws, b, t, m: (a, wm.to("meta"), ws, b, t, m), "w_main is on meta"),
 ]
 

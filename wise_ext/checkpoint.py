@@ -43,7 +43,8 @@ def save_checkpoint(path: str, editor) -> None:
         "format": FORMAT,
         "config": editor.config.to_dict(),
         "layer": editor.layer_name,
-        "routing": {"act": layer.routing_act, "reduce": layer.token_reduce, "sticky": layer.sticky_routing},
+        "routing": {"act": layer.routing_act, "reduce": layer.token_reduce, "sticky": layer.sticky_routing,
+                    "select": layer.select},
         "fingerprint": model_fingerprint(editor.model, editor.layer_name, layer.weight),
         "state": editor.state.to_dict(),
     }
@@ -91,7 +92,7 @@ def attach(model: nn.Module, path: str) -> WiseLayer:
     module = check_fingerprint(model, meta)
     routing = meta["routing"]
     layer = WiseLayer(module, routing_act=routing["act"], token_reduce=routing["reduce"],
-                      sticky_routing=routing["sticky"])
+                      sticky_routing=routing["sticky"], select=routing.get("select", "score"))
     layer.load_memories(tensors["memories"], tensors["thresholds"])
     set_module(model, meta["layer"], layer)
     layer._attach_hooks = bind_attention_mask(model, layer)

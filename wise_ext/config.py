@@ -70,13 +70,16 @@ class WiseConfig:
     # merge Rel 0.65 -> 0.72, Loc 0.99 in both; retrieve 0.55 -> 0.63).
     merge_normalize: bool = False
     retrieve: bool = False                 # False: WISE-Merge; True: WISE-Retrieve
-    replay: bool = False                   # retrieve mode: replay earlier edits into each new memory
+    # Retrieve mode: each new memory is trained to stay under a sample of the frozen memories' edits, and
+    # inference picks the newest memory that fires (the paper's highest score picked the wrong memory for 0.2
+    # of the fact-LM's T = 100 edits: memories fire on every prompt shaped like their edits).
+    replay: bool = True
     routing_act: str = "model"             # "model": the model's own activation (EasyEdit); or one of ACTIVATIONS
     token_reduce: str = "auto"             # mean | max | auto (max past 100 tokens)
     sticky_routing: bool = False           # generate(): keep the prompt's routing for generated tokens
     n_context_prefixes: int = 4            # context-prefixed copies of each edit prompt
     n_reference_samples: int = 16          # texts sampled from the model as unrelated references
-    n_replay: int = 2                      # retrieve + replay: edits of the last frozen memory kept off
+    n_replay: int = 64                     # retrieve + replay: edits of the frozen memories kept off
     early_stop_loss: float = 0.01
     seed: int = 0
     unrelated_prompt: str = "The weather today is"  # joins the sampled references when none are given
@@ -118,6 +121,7 @@ class WiseConfig:
         need(self.token_reduce in ("mean", "max", "auto"), "token_reduce", "must be mean, max or auto")
         for name in ("n_context_prefixes", "n_reference_samples", "n_replay"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(not (self.retrieve and self.replay) or self.n_replay >= 1, "n_replay", "must be >= 1 with replay")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

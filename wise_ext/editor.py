@@ -85,8 +85,12 @@ class WiseEditor:
             raise ValueError(f"{self.layer_name} already carries a WiseLayer: detach it or use from_pretrained")
         self.block_index = block_index_of(model, self.layer_name)
         act = model_activation(model) if self.config.routing_act == "model" else self.config.routing_act
+        # Replay trains each new memory to stay under the frozen memories' edits, so the
+        # newest memory that fires is the one that holds the edit; the older ones never
+        # saw the newer edits and fire on them as on any prompt of their kind.
+        select = "latest" if self.config.retrieve and self.config.replay else "score"
         self.layer = WiseLayer(module, routing_act=act, token_reduce=self.config.token_reduce,
-                               sticky_routing=self.config.sticky_routing)
+                               sticky_routing=self.config.sticky_routing, select=select)
         set_module(model, self.layer_name, self.layer)
         self._hooks = bind_attention_mask(model, self.layer)
         self.state = EditorState()
@@ -104,6 +108,7 @@ class WiseEditor:
         # derived from state.memory_edits, so not saved.
         self._moments: dict[int, tuple[int, Tensor]] = {}
         self._reference_moment: Optional[Tensor] = None  # per token, of the "train" references
+        self._replay: Optional[tuple[int, TokenRows]] = None  # (frozen memories then, their replayed edits)
 
     # ---- public API ----
     def edit(self, request: RequestLike) -> EditResult:
@@ -411,10 +416,20 @@ class WiseEditor:
     def _unrelated_rows(self) -> TokenRows:
         rows = self._reference_rows()
         if self.config.retrieve and self.config.replay and self.state.retrieved:
-            # Replay (paper, B.3): the latest frozen memories' edits must not fire the new memory.
-            last = self.state.memory_edits[self.state.retrieved[-1]][-self.config.n_replay:]
-            rows = TokenRows.cat([rows, self._rows([p for p, _ in last], [t for _, t in last])])
+            rows = TokenRows.cat([rows, self._replay_rows()])
         return rows
+
+    def _replay_rows(self) -> TokenRows:
+        """Replay (paper, B.3): up to n_replay edits spread evenly over every frozen
+        memory, which the new memory must not fire on (inference picks the newest
+        memory that fires). Drawn again only when one more memory is frozen."""
+        s = self.state
+        if self._replay is None or self._replay[0] != len(s.retrieved):
+            held = [e for index in s.retrieved for e in s.memory_edits[index]]
+            n = min(len(held), self.config.n_replay)
+            picked = [held[(2 * i + 1) * len(held) // (2 * n)] for i in range(n)]
+            self._replay = (len(s.retrieved), self._rows([p for p, _ in picked], [t for _, t in picked]))
+        return self._replay[1]
 
     def _train(self, index: int, batch: dict) -> EditResult:
         cfg, layer, s = self.config, self.layer, self.state

@@ -28,10 +28,11 @@ class WiseLayer(nn.Module):
     module's own weight (the base model's tensor, never copied or changed); the
     side memories are stacked in one (M, ...) buffer with one routing threshold
     each. Inference goes through ``wise_ffn``: per sequence, the side memory with
-    the highest routing score answers when that score exceeds its threshold."""
+    the highest routing score (``select="latest"``: the newest memory) answers when
+    that score exceeds its threshold."""
 
     def __init__(self, base_layer: nn.Module, routing_act: str = "none", token_reduce: str = "auto",
-                 sticky_routing: bool = False):
+                 sticky_routing: bool = False, select: str = "score"):
         super().__init__()
         self.base_layer = base_layer
         self.transpose = is_transposed(base_layer)
@@ -41,6 +42,7 @@ class WiseLayer(nn.Module):
         self.routing_act = routing_act
         self.token_reduce = token_reduce
         self.sticky_routing = sticky_routing
+        self.select = select
         self.enabled = True
         self.editing: Optional[EditingState] = None
         self.token_mask: Optional[Tensor] = None   # the model call's attention mask, set by a hook
@@ -113,7 +115,8 @@ class WiseLayer(nn.Module):
                 and self.last_choice.shape[0] == a3.shape[0]):
             return self._forward_with_choice(a3, self.last_choice).reshape(*lead, -1)
         out, scores, choice = ops.wise_ffn(a3, self.weight, self.memories, self.bias, self.thresholds,
-                                           self._mask_for(a3), self.token_reduce, self.routing_act, self.transpose)
+                                           self._mask_for(a3), self.token_reduce, self.routing_act, self.transpose,
+                                           self.select)
         self.last_scores, self.last_choice = scores, choice
         return out.reshape(*lead, -1)
 
@@ -146,7 +149,7 @@ class WiseLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"memories={self.num_memories}, transpose={self.transpose}, act={self.routing_act}, "
-                f"reduce={self.token_reduce}, sticky={self.sticky_routing}")
+                f"reduce={self.token_reduce}, sticky={self.sticky_routing}, select={self.select}")
 
 
 def routing_mask(attention_mask: Optional[Tensor], input_ids: Optional[Tensor], bos_token_id: Optional[int]):

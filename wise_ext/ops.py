@@ -72,6 +72,7 @@ def wise_ffn(
     reduce: str = "mean",
     act: str = "none",
     transpose: bool = False,
+    select: str = "score",
 ) -> WiseFfnOutput:
     """The WISE layer at inference: main and side memories with per-sequence routing.
 
@@ -81,7 +82,10 @@ def wise_ffn(
     Sequence b is answered by the side memory with the highest score
     (mean / max / auto of ``||act(a W_m^T) - act(a W_main^T)||`` over its
     unmasked tokens) when that score exceeds ``thresholds[m]``, else by the main
-    memory. The decision stays on the device.
+    memory. ``select="latest"`` instead picks the last memory (highest m) whose
+    score exceeds its threshold: for memories each trained to stay under the
+    earlier ones' edits (WISE-Retrieve with replay). The decision stays on the
+    device.
     """
     squeeze = a.dim() == 2
     if squeeze:
@@ -91,7 +95,8 @@ def wise_ffn(
         w_sides = w_sides.unsqueeze(0)
     if not isinstance(thresholds, Tensor):
         thresholds = torch.tensor(thresholds, dtype=torch.float32, device=a.device).reshape(-1)
-    out, scores, choice = _ops.wise_ffn(a, w_main, w_sides, bias, thresholds, token_mask, reduce, act, bool(transpose))
+    out, scores, choice = _ops.wise_ffn(a, w_main, w_sides, bias, thresholds, token_mask, reduce, act, bool(transpose),
+                                       select)
     if squeeze:
         out = out.squeeze(0)
     return WiseFfnOutput(out, scores, choice)
@@ -148,7 +153,8 @@ def _ties_merge_fake(base, tensors, weights, density, sparsify="magnitude", cons
 
 
 @torch.library.register_fake("wise_ext::wise_ffn")
-def _wise_ffn_fake(a, w_main, w_sides, bias, thresholds, token_mask, reduce="mean", act="none", transpose=False):
+def _wise_ffn_fake(a, w_main, w_sides, bias, thresholds, token_mask, reduce="mean", act="none", transpose=False,
+                   select="score"):
     _same_device("wise_ffn", a, w_main=w_main, w_sides=w_sides, bias=bias, thresholds=thresholds,
                  token_mask=token_mask)
     batch, tokens = a.shape[0], a.shape[1]

@@ -134,7 +134,7 @@ def linear(a: Tensor, w: Tensor, bias: Optional[Tensor], transpose: bool) -> Ten
 
 def wise_ffn(a: Tensor, w_main: Tensor, w_sides: Tensor, bias: Optional[Tensor], thresholds: Tensor,
              token_mask: Optional[Tensor] = None, reduce: str = "mean", act: str = "none",
-             transpose: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+             transpose: bool = False, select: str = "score") -> tuple[Tensor, Tensor, Tensor]:
     batch, tokens, _ = a.shape
     y0 = linear(a, w_main, bias, transpose)
     ys = [linear(a, w_sides[m], bias, transpose) for m in range(w_sides.shape[0])]
@@ -149,8 +149,13 @@ def wise_ffn(a: Tensor, w_main: Tensor, w_sides: Tensor, bias: Optional[Tensor],
             d = routing_distance(y0[b], y[b], act).cpu()[mask[b]]
             if count:
                 scores[b, m] = d.max() if use_max else d.mean()
-        best = int(torch.argmax(scores[b]))  # the first maximum, as the kernels pick
-        if scores[b, best] > thresholds[best].float().cpu():
+        fires = scores[b] > thresholds.float().cpu()
+        if select == "latest":
+            best = int(fires.nonzero().max()) if fires.any() else -1
+        else:
+            best = int(torch.argmax(scores[b]))  # the first maximum, as the kernels pick
+            best = best if fires[best] else -1
+        if best >= 0:
             choice[b] = best
             out[b] = ys[best][b]
     return out, scores.to(a.device), choice.to(a.device)

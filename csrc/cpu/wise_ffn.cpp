@@ -32,7 +32,7 @@ void route_sequences(const WiseFfnPlan& p, const scalar_t* y0, const scalar_t* y
     int64_t count = 0;
     for (int64_t t = 0; t < p.tokens; ++t) count += mask == nullptr || mask[b * p.tokens + t];
     const bool use_max = p.reduce == Reduce::Max || (p.reduce == Reduce::Auto && count > 100);
-    int64_t best = -1;
+    int64_t best = -1, latest = -1;
     acc_t best_score = acc_t(0);
     for (int64_t m = 0; m < M; ++m) {
       acc_t acc = acc_t(0);
@@ -47,8 +47,13 @@ void route_sequences(const WiseFfnPlan& p, const scalar_t* y0, const scalar_t* y
         best = m;
         best_score = score;
       }
+      if (score > static_cast<acc_t>(thresholds[m])) latest = m;
     }
-    choice[b] = best_score > static_cast<acc_t>(thresholds[best]) ? best : -1;
+    if (p.select == Select::Latest) {
+      choice[b] = latest;
+    } else {
+      choice[b] = best_score > static_cast<acc_t>(thresholds[best]) ? best : -1;
+    }
   }
   at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -67,8 +72,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wise_ffn_cpu(const at::Tensor& a,
                                                             const at::Tensor& thresholds,
                                                             const std::optional<at::Tensor>& token_mask,
                                                             c10::string_view reduce, c10::string_view act,
-                                                            bool transpose) {
-  WiseFfnPlan p = check_wise_ffn(a, w_main, w_sides, bias, thresholds, token_mask, reduce, act, transpose, at::kCPU);
+                                                            bool transpose, c10::string_view select) {
+  WiseFfnPlan p = check_wise_ffn(a, w_main, w_sides, bias, thresholds, token_mask, reduce, act, transpose, select,
+                                 at::kCPU);
   MemoryProducts y = memory_products(a, w_main, w_sides, bias, transpose);
   at::Tensor mask = token_mask.has_value() ? token_mask->to(at::kBool).contiguous() : at::Tensor();
   at::Tensor thr = thresholds.to(at::kFloat).contiguous();

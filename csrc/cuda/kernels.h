@@ -41,9 +41,11 @@ cudaError_t ties_merge(const TiesMergeArgs& args, void* workspace, int sm_count,
 cudaError_t token_distances(DType dtype, const void* y0, const void* ys, int64_t N, int64_t M, int64_t O,
                             int64_t stride_m, int64_t stride_n, wise::Act act, void* dist, cudaStream_t stream);
 // Per sequence: scores from the token distances (mean / max / auto over unmasked
-// tokens) and the choice, all on the device. mask may be null.
+// tokens) and the choice, all on the device. mask may be null. select 0: the
+// highest score over its threshold; 1: the newest memory over its threshold.
 cudaError_t route_sequences(const float* dist, const bool* mask, int64_t B, int64_t T, int64_t M, int reduce,
-                            const float* thresholds, float* scores, int64_t* choice, cudaStream_t stream);
+                            int select, const float* thresholds, float* scores, int64_t* choice,
+                            cudaStream_t stream);
 // out[n] = ys[choice[b(n)], n] for sequences routed to a side memory; other rows keep the main output.
 cudaError_t gather_routed(DType dtype, const void* ys, int64_t stride_m, int64_t stride_n, const int64_t* choice,
                           int64_t B, int64_t T, int64_t O, void* out, cudaStream_t stream);

@@ -83,8 +83,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wise_ffn_cuda(const at::Tensor& a
                                                              const at::Tensor& thresholds,
                                                              const std::optional<at::Tensor>& token_mask,
                                                              c10::string_view reduce, c10::string_view act,
-                                                             bool transpose) {
-  WiseFfnPlan p = check_wise_ffn(a, w_main, w_sides, bias, thresholds, token_mask, reduce, act, transpose, at::kCUDA);
+                                                             bool transpose, c10::string_view select) {
+  WiseFfnPlan p = check_wise_ffn(a, w_main, w_sides, bias, thresholds, token_mask, reduce, act, transpose, select,
+                                 at::kCUDA);
   const c10::cuda::CUDAGuard guard(a.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   MemoryProducts y = memory_products(a, w_main, w_sides, bias, transpose);
@@ -100,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wise_ffn_cuda(const at::Tensor& a
   C10_CUDA_CHECK(wise_cuda::route_sequences(dist.const_data_ptr<float>(),
                                             mask.defined() ? mask.const_data_ptr<bool>() : nullptr, p.batch,
                                             p.tokens, p.memories, static_cast<int>(p.reduce),
-                                            thr.const_data_ptr<float>(), scores.mutable_data_ptr<float>(),
+                                            static_cast<int>(p.select), thr.const_data_ptr<float>(), scores.mutable_data_ptr<float>(),
                                             choice.mutable_data_ptr<int64_t>(), stream));
   C10_CUDA_CHECK(wise_cuda::gather_routed(dtype_of(a), y.sides.const_data_ptr(), y.sides_stride_m, y.sides_stride_n,
                                           choice.const_data_ptr<int64_t>(), p.batch, p.tokens, p.out_features,

@@ -38,13 +38,13 @@ __global__ void __launch_bounds__(kThreads)
 // One block per sequence: the score of each memory over the unmasked tokens
 // (mean, max, or auto: max past 100 tokens, EasyEdit's rule), then the choice.
 __global__ void __launch_bounds__(kThreads)
-    route_kernel(const float* dist, const bool* mask, int64_t T, int64_t M, int reduce, const float* thresholds,
-                 float* scores, int64_t* choice) {
+    route_kernel(const float* dist, const bool* mask, int64_t T, int64_t M, int reduce, int select,
+                 const float* thresholds, float* scores, int64_t* choice) {
   __shared__ float red_sum[kThreads / 32], red_max[kThreads / 32];
   __shared__ int red_count[kThreads / 32];
   const int64_t b = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  int best = -1;
+  int best = -1, latest = -1;
   float best_score = 0.0f;
   for (int64_t m = 0; m < M; ++m) {
     float s = 0.0f, mx = 0.0f;
@@ -80,10 +80,11 @@ __global__ void __launch_bounds__(kThreads)
         best = static_cast<int>(m);
         best_score = score;
       }
+      if (score > thresholds[m]) latest = static_cast<int>(m);
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) choice[b] = best_score > thresholds[best] ? best : -1;
+  if (threadIdx.x == 0) choice[b] = select == 1 ? latest : (best_score > thresholds[best] ? best : -1);
 }
 
 // One block per token row; rows of sequences left on the main memory are not touched.
@@ -130,10 +131,11 @@ cudaError_t token_distances(DType dtype, const void* y0, const void* ys, int64_t
 }
 
 cudaError_t route_sequences(const float* dist, const bool* mask, int64_t B, int64_t T, int64_t M, int reduce,
-                            const float* thresholds, float* scores, int64_t* choice, cudaStream_t stream) {
+                            int select, const float* thresholds, float* scores, int64_t* choice,
+                            cudaStream_t stream) {
   if (B > 2147483647LL) return cudaErrorInvalidValue;
-  route_kernel<<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(dist, mask, T, M, reduce, thresholds, scores,
-                                                                      choice);
+  route_kernel<<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(dist, mask, T, M, reduce, select, thresholds,
+                                                                      scores, choice);
   return cudaGetLastError();
 }
 

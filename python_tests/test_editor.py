@@ -90,6 +90,29 @@ def test_from_pretrained_continues_editing(tokenizer, tmp_path):
     assert torch.equal(again.layer.memories, editor.layer.memories)
 
 
+def test_a_format_1_checkpoint_loads_with_its_open_shards_stacked(tokenizer, tmp_path):
+    from safetensors.torch import save_file
+
+    from wise_ext import checkpoint
+
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(save_freq=1, merge_freq=3, **FAST))
+    editor.edit_many([EDIT, EDIT2])
+    editor.save_pretrained(str(tmp_path))
+    meta, tensors = checkpoint.read_checkpoint(str(tmp_path))
+    stacked = tensors["memories"]
+    # Format 1 kept each open shard's own change only, and routed by the highest score.
+    own = stacked.clone()
+    own[1] = stacked[1] - stacked[0] + editor.layer.weight.detach()
+    meta["format"] = "wise-ext/1"
+    del meta["routing"]["select"]
+    save_file({"memories": own, "thresholds": tensors["thresholds"]}, str(tmp_path / checkpoint.TENSORS))
+    (tmp_path / checkpoint.CONFIG).write_text(json.dumps(meta))
+    again = WiseEditor.from_pretrained(make_model("llama", tokenizer), str(tmp_path), tokenizer)
+    torch.testing.assert_close(again.layer.memories, stacked, rtol=0, atol=1e-6)
+    assert wise_ext.attach(make_model("llama", tokenizer), str(tmp_path)).select == "score"
+
+
 def test_batch_routes_each_sequence_on_its_own(tokenizer):
     model = make_model("llama", tokenizer)
     editor = WiseEditor(model, tokenizer, WiseConfig(**FAST))
@@ -284,30 +307,37 @@ def test_cli_edit_and_eval_on_zsre_records(tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--checkpoint", str(tmp_path / "nope"), "--data", ZSRE]) == 2
 
 
-def test_a_shard_trains_on_top_of_the_other_open_shards(tokenizer, monkeypatch):
-    """The merge adds the open shards' changes together, so an edit trains with the
-    other open shards' changes in place: none for the first shard, the first shard's
-    for the second."""
-    from wise_ext import editor as editor_module
-
-    offsets = []
-    real = editor_module.EditSession
-
-    def spy(*args, **kwargs):
-        session = real(*args, **kwargs)
-        offsets.append(None if session.offset is None else session.offset.clone())
-        return session
-
-    monkeypatch.setattr(editor_module, "EditSession", spy)
+def test_a_shard_starts_from_the_open_shards_and_the_newest_answers(tokenizer, monkeypatch):
+    """The merge adds the open shards' changes together, so a new shard starts from the
+    newest open one (its edits train with the earlier shards' changes in place), the
+    merge takes each shard's increment, and between merges the newest shard answers."""
+    calls = []
+    real = wise_ext.ops.ties_merge
+    monkeypatch.setattr(wise_ext.ops, "ties_merge", lambda base, tensors, *a: calls.append(
+        [t - base for t in tensors]) or real(base, tensors, *a))
     model = make_model("llama", tokenizer)
-    editor = WiseEditor(model, tokenizer, WiseConfig(save_freq=1, merge_freq=2, **FAST))
+    editor = WiseEditor(model, tokenizer, WiseConfig(save_freq=1, merge_freq=3, **FAST))
+    third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
     editor.edit(EDIT)
-    first_shard = editor.layer.memories[0].clone()
+    first = editor.layer.memories[0].clone()
     editor.edit(EDIT2)
-    assert offsets[0] is None
-    torch.testing.assert_close(offsets[1], first_shard - editor.layer.weight, rtol=0, atol=0)
-    assert offsets[1].abs().max() > 0
+    second = editor.layer.memories[1].clone()
+    features = editor._shard_features(1)
+    # The second shard holds the first one's changes, and changed only its own features.
+    changed = (second - first).abs().sum(0) > 0
+    assert changed.any() and not changed[~features].any()
+    untouched = ~features
+    assert torch.equal(second[:, untouched], first[:, untouched])
     assert editor.layer.weight.grad is None  # the base model's weight stays out of the edit's graph
+    # Both shards fire on an edit of the first: the newest answers.
+    editor.layer.thresholds.fill_(-1.0)
+    logits(model, tokenizer, [EDIT.prompt])
+    assert editor.layer.select == "latest" and editor.layer.last_choice.tolist() == [1]
+    editor.edit(third)
+    (increments,) = calls
+    base = editor.layer.weight
+    torch.testing.assert_close(increments[0], first - base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(increments[1], second - first, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -327,13 +357,8 @@ def test_edit_session_computes_what_the_model_computes(arch, tokenizer):
         with EditSession(model, editor.layer, editor.block_index, inputs, side) as session:
             assert session.additive  # every supported architecture adds the projection into the residual
             fast, target = answer_logits(model, session.hidden(), batch["labels"])
-        # A trained memory with an offset (the other open shards' changes) answers as their sum.
-        offset = 0.05 * torch.randn_like(side)
-        with EditSession(model, editor.layer, editor.block_index, inputs, side - offset, offset=offset) as session:
-            shifted, _ = answer_logits(model, session.hidden(), batch["labels"])
     keep = batch["labels"][:, 1:] != -100
     torch.testing.assert_close(fast, full[:, :-1][keep], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(shifted, fast, rtol=1e-4, atol=1e-5)
     assert torch.equal(target, batch["labels"][:, 1:][keep])
 
 
@@ -404,9 +429,9 @@ def test_retrieve_guards_tighten_as_memories_are_frozen(tokenizer):
 
 def test_retrieve_replays_every_frozen_memory_and_picks_the_newest(tokenizer, tmp_path):
     model = make_model("llama", tokenizer)
-    merging = WiseEditor(model, tokenizer, WiseConfig(**FAST))
-    assert merging.layer.select == "score"  # merge mode: the paper's
-    merging.detach()
+    paper = WiseEditor(model, tokenizer, WiseConfig(retrieve=True, replay=False, **FAST))
+    assert paper.layer.select == "score"  # retrieval without replay: the highest score
+    paper.detach()
     cfg = WiseConfig(save_freq=1, merge_freq=1, retrieve=True, n_replay=2, **FAST)
     editor = WiseEditor(model, tokenizer, cfg)
     assert editor.layer.select == "latest"

@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -16,7 +17,9 @@ from .config import WiseConfig
 from .layer import WiseLayer, bind_attention_mask
 from .surgery import get_module, model_fingerprint, set_module
 
-FORMAT = "wise-ext/1"
+# 2: each open shard holds the earlier open shards' changes (1: each held only its own).
+FORMAT = "wise-ext/2"
+READABLE = ("wise-ext/1", FORMAT)
 TENSORS = "wise_memories.safetensors"
 CONFIG = "wise_config.json"
 
@@ -65,8 +68,9 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
         raise FileNotFoundError(f"{path} is not a wise-ext checkpoint (expected {CONFIG} and {TENSORS})")
     with open(config_path) as f:
         meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") not in READABLE:
+        raise ValueError(f"{config_path}: unknown checkpoint format {meta.get('format')!r}, expected one of "
+                         f"{READABLE}")
     return meta, load_file(tensor_path)
 
 
@@ -119,4 +123,18 @@ def load_checkpoint(cls, model: nn.Module, path: str, tokenizer=None):
     from .editor import EditorState
 
     editor.state = EditorState.from_dict(meta["state"])
+    if meta["format"] == "wise-ext/1":
+        _stack_open_shards(editor)
     return editor
+
+
+def _stack_open_shards(editor) -> None:
+    """A format-1 editor's open shards to format 2: shard k gains the changes of the
+    open shards before it, so the next merge (of each shard's increment) is unchanged."""
+    shards, memories = editor.state.shards, editor.layer.memories
+    origin = editor._shard_origin()
+    total = torch.zeros_like(origin)
+    for index in shards:
+        own = memories[index] - origin
+        memories[index] += total
+        total += own

@@ -44,13 +44,12 @@ class EditSession(contextlib.AbstractContextManager):
     side memory ``weight`` in place of the main one, computing only what changes."""
 
     def __init__(self, model: nn.Module, layer: WiseLayer, block_index: int, inputs: dict, weight: Tensor,
-                 additive: Optional[bool] = None, offset: Optional[Tensor] = None):
+                 additive: Optional[bool] = None):
         self.model, self.layer, self.inputs = model, layer, inputs
         _, blocks = decoder_blocks(model)
         self.lower = list(blocks[:block_index])
         self.block = blocks[block_index]
         self.weight = weight
-        self.offset = offset
         self.additive = additive
         self._outputs: dict[int, object] = {}
 
@@ -71,7 +70,7 @@ class EditSession(contextlib.AbstractContextManager):
         for i, blk in enumerate(self.lower):
             blk.forward = lambda *args, _out=self._outputs[i], **kwargs: _out
         self.layer_input = a
-        layer.editing = EditingState(weight=self.weight, y_main=y_main, offset=self.offset)
+        layer.editing = EditingState(weight=self.weight, y_main=y_main)
         if self.additive:
             out = self._outputs[len(self.lower)]
             self.block.forward = lambda *args, **kwargs: _plus(out, layer(a) - y_main)

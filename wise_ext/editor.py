@@ -85,10 +85,11 @@ class WiseEditor:
             raise ValueError(f"{self.layer_name} already carries a WiseLayer: detach it or use from_pretrained")
         self.block_index = block_index_of(model, self.layer_name)
         act = model_activation(model) if self.config.routing_act == "model" else self.config.routing_act
-        # Replay trains each new memory to stay under the frozen memories' edits, so the
-        # newest memory that fires is the one that holds the edit; the older ones never
-        # saw the newer edits and fire on them as on any prompt of their kind.
-        select = "latest" if self.config.retrieve and self.config.replay else "score"
+        # The newest memory that fires holds the edit: each open shard holds the earlier
+        # ones' changes, and with replay each frozen memory was trained to stay under the
+        # earlier memories' edits. Older memories never saw the newer edits and fire on
+        # them as on any prompt of their kind. Retrieval without replay: the paper's rule.
+        select = "score" if self.config.retrieve and not self.config.replay else "latest"
         self.layer = WiseLayer(module, routing_act=act, token_reduce=self.config.token_reduce,
                                sticky_routing=self.config.sticky_routing, select=select)
         set_module(model, self.layer_name, self.layer)
@@ -251,13 +252,10 @@ class WiseEditor:
     def _routing_mask(self, batch: dict) -> torch.Tensor:
         return routing_mask(batch["attention_mask"], batch["input_ids"], getattr(self.model.config, "bos_token_id", None))
 
-    def _scores(self, rows: TokenRows, weight: torch.Tensor, reduce: Optional[str] = None,
-                y_offset: Optional[Tensor] = None) -> torch.Tensor:
-        """Routing scores of ``rows`` against one side memory (plus ``y_offset``, an output
-        fixed for these rows): differentiable mean per row while training, else reduced
-        as inference reduces them."""
-        y = self.layer.linear(rows.a, weight)
-        d = rows.distances(y if y_offset is None else y + y_offset, self.layer.routing_act)
+    def _scores(self, rows: TokenRows, weight: torch.Tensor, reduce: Optional[str] = None) -> torch.Tensor:
+        """Routing scores of ``rows`` against one side memory: differentiable mean per row
+        while training, else reduced as inference reduces them."""
+        d = rows.distances(self.layer.linear(rows.a, weight), self.layer.routing_act)
         return rows.mean(d) if reduce is None else rows.reduce(d, reduce)
 
     def _set_threshold(self, index: int, edit_scores: Optional[torch.Tensor] = None) -> float:
@@ -301,22 +299,16 @@ class WiseEditor:
         return index
 
     def _start_shard(self) -> None:
+        """A new shard starts from the newest open one: the merge adds the open shards'
+        changes together, so each edit trains with the earlier shards' changes in place
+        (the shards before it cannot overwrite its answers there), and between merges
+        the newest shard holds every change since the last merge, as the merge will."""
         s = self.state
-        index = self._new_memory(self._shard_origin(), [])
+        start = self.layer.memories[s.shards[-1]] if s.shards else self._shard_origin()
+        index = self._new_memory(start, [])
         s.shards.append(index)
         s.shard_seeds[str(index)] = self._shard_seed(s.n_shards)
         s.n_shards += 1
-
-    def _open_offset(self, index: int) -> Optional[Tensor]:
-        """What the next merge adds to shard ``index``: the other open shards' changes.
-        Feature shards barely overlap, so the merge is close to their sum; an edit
-        trained on top of it keeps its answers through the merge, and the shards
-        trained before it cannot overwrite them there."""
-        others = [i for i in self.state.shards if i != index]
-        if not others:
-            return None
-        origin = self._shard_origin().detach()  # the main weight is a parameter: keep the base model out of the graph
-        return sum(self.layer.memories[i] - origin for i in others)
 
     def _merge(self) -> None:
         s, cfg = self.state, self.config
@@ -329,8 +321,11 @@ class WiseEditor:
             raise ValueError(f"WiseConfig.merge_weights has {len(weights)} entries, expected one per shard "
                              f"({len(shards)} = merge_freq / save_freq)")
         base = self._shard_origin()
-        merged = ops.ties_merge(base, [self.layer.memories[i] for i in shards], weights, cfg.density, sparsify,
-                                consensus, cfg.merge_normalize, self._shard_seed(s.n_shards))
+        # Each shard started from the one before it: Ties sees what each one added.
+        starts = [base] + [self.layer.memories[i] for i in shards[:-1]]
+        increments = [base + (self.layer.memories[i] - start) for i, start in zip(shards, starts)]
+        merged = ops.ties_merge(base, increments, weights, cfg.density, sparsify, consensus, cfg.merge_normalize,
+                                self._shard_seed(s.n_shards))
         edits = [e for i in shards for e in s.memory_edits[i]]
         if not cfg.retrieve and s.merged is not None:
             target = s.merged
@@ -438,9 +433,6 @@ class WiseEditor:
         origin = self._shard_origin()
         weight = layer.memories[index]
         unrelated = self._unrelated_rows()
-        offset = self._open_offset(index)
-        # The offset is fixed within the edit: its output on the unrelated rows is too.
-        unrelated_offset = None if offset is None else layer.linear(unrelated.a, offset, bias=False)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         leaf = weight.detach().requires_grad_(True)
         features = self._shard_features(index)
@@ -453,7 +445,7 @@ class WiseEditor:
         self.model.eval()
         loss_value, steps = float("nan"), 0
         try:
-            with EditSession(self.model, layer, self.block_index, inputs, leaf, self._additive, offset) as session:
+            with EditSession(self.model, layer, self.block_index, inputs, leaf, self._additive) as session:
                 self._additive = session.additive
                 span = batch["span"]
                 for steps in range(1, cfg.n_iter + 1):
@@ -461,7 +453,7 @@ class WiseEditor:
                     logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
                     lm = F.cross_entropy(logits.float(), targets)
                     s_edit = (session.distances * span).sum(1) / span.sum(1)
-                    s_unrel = self._scores(unrelated, leaf, y_offset=unrelated_offset)
+                    s_unrel = self._scores(unrelated, leaf)
                     margin = (torch.relu(s_unrel - alpha).mean() + torch.relu(beta - s_edit).mean()
                               + torch.relu(gamma - (s_edit[:, None] - s_unrel[None, :])).mean())
                     (lm + margin).backward()

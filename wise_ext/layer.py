@@ -19,8 +19,6 @@ class EditingState:
     weight: Tensor                     # leaf sharing storage with memories[index]; gradients land here
     y_main: Optional[Tensor] = None    # the main memory's output: the layer's input is fixed within an edit
     distances: Optional[Tensor] = None # (batch, tokens) routing distance of the last forward
-    offset: Optional[Tensor] = None    # added to weight: what the next merge will add to this memory
-    y_offset: Optional[Tensor] = None  # the offset's output on that fixed input, computed once like y_main
 
 
 class WiseLayer(nn.Module):
@@ -138,12 +136,7 @@ class WiseLayer(nn.Module):
         if state.y_main is None or state.y_main.shape[:-1] != a.shape[:-1]:
             with torch.no_grad():
                 state.y_main = self.base_layer(a)
-        if state.offset is not None and (state.y_offset is None or state.y_offset.shape[:-1] != a.shape[:-1]):
-            with torch.no_grad():
-                state.y_offset = self.linear(a, state.offset, bias=False)
         y_side = self.linear(a, state.weight)
-        if state.y_offset is not None:
-            y_side = y_side + state.y_offset
         state.distances = ops.routing_distance(state.y_main, y_side, self.routing_act)
         return y_side
 

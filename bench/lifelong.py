@@ -4,7 +4,8 @@ Testbeds: the fact-knowing LLaMA of bench/factlm.py, and a tiny random LLaMA
 (hidden 256, 4 layers) with the same tokenizer. Edits are records 0..T-1 (prompt
 `src`, new target `alt`, paraphrase `rephrase`, locality `loc` / `loc_ans`). The
 routing references (margin loss, locality guard) are the locality questions of
-records 1000-1255, never evaluated. Each (testbed, margins, mode, T) starts from a
+records 1000-1255 with their answers (as the paper's scripts build them: the guard
+must see texts as long as the locality prompts it keeps off), never evaluated. Each (testbed, margins, mode, T) starts from a
 fresh model. Shards: save_freq = T/4 and merge_freq = 2 x save_freq, so every run
 goes through merges (WISE-Merge) or freezes memories (WISE-Retrieve).
 
@@ -40,6 +41,10 @@ def commit() -> str:
         return "unknown"
 
 
+def references(records: list[dict]) -> list[str]:
+    return [f"{r['loc']} {r['loc_ans']}" for r in records[REFERENCE]]
+
+
 def random_llama(tokenizer, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,7 +74,7 @@ def run_one(testbed: str, margins: str, mode: str, T: int, records: list[dict]) 
     save_freq = max(1, T // 4)
     config = WiseConfig(save_freq=save_freq, merge_freq=2 * save_freq, retrieve=mode == "retrieve",
                         **(PAPER_MARGINS if margins == "paper" else {}))
-    editor = WiseEditor(model, tokenizer, config, reference_prompts=[r["loc"] for r in records[REFERENCE]])
+    editor = WiseEditor(model, tokenizer, config, reference_prompts=references(records))
     requests = [EditRequest.from_dict(r) for r in records[:T]]
     t0 = time.perf_counter()
     editor.edit_many(requests)

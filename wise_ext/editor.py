@@ -320,7 +320,7 @@ class WiseEditor:
         if len(weights) != len(shards):
             raise ValueError(f"WiseConfig.merge_weights has {len(weights)} entries, expected one per shard "
                              f"({len(shards)} = merge_freq / save_freq)")
-        base = self._shard_origin()
+        base = self._shard_origin().detach()  # the main weight is a parameter: keep it out of any graph
         # Each shard started from the one before it: Ties sees what each one added.
         starts = [base] + [self.layer.memories[i] for i in shards[:-1]]
         increments = [base + (self.layer.memories[i] - start) for i, start in zip(shards, starts)]

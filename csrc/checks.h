@@ -13,8 +13,9 @@ namespace wise_ext {
 
 enum class Reduce : int { Mean = 0, Max = 1, Auto = 2 };
 // Which side memory answers a sequence: the highest score (the paper's), or the
-// newest one over its threshold (retrieval with replay: newer memories were
-// trained to stay under the older memories' edits).
+// newest one over its threshold (the newest open shard holds the earlier ones'
+// changes; with replay, each frozen memory was trained to stay under the older
+// memories' edits).
 enum class Select : int { Score = 0, Latest = 1 };
 
 wise::Act parse_act(c10::string_view name, const char* op);

@@ -110,6 +110,7 @@ def test_a_format_1_checkpoint_loads_with_its_open_shards_stacked(tokenizer, tmp
     (tmp_path / checkpoint.CONFIG).write_text(json.dumps(meta))
     again = WiseEditor.from_pretrained(make_model("llama", tokenizer), str(tmp_path), tokenizer)
     torch.testing.assert_close(again.layer.memories, stacked, rtol=0, atol=1e-6)
+    assert not again.layer.memories.requires_grad  # the main weight, a parameter, stays out of the buffer's graph
     assert wise_ext.attach(make_model("llama", tokenizer), str(tmp_path)).select == "score"
 
 

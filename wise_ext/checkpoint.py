@@ -132,7 +132,7 @@ def _stack_open_shards(editor) -> None:
     """A format-1 editor's open shards to format 2: shard k gains the changes of the
     open shards before it, so the next merge (of each shard's increment) is unchanged."""
     shards, memories = editor.state.shards, editor.layer.memories
-    origin = editor._shard_origin()
+    origin = editor._shard_origin().detach()  # the main weight is a parameter: keep the buffer out of any graph
     total = torch.zeros_like(origin)
     for index in shards:
         own = memories[index] - origin

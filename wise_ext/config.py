@@ -68,8 +68,8 @@ class WiseConfig:
     density: float = 0.53
     merge_weights: Optional[list] = None   # per shard; None: equal
     # Ties' last step: average (True, the paper's disjoint mean) or add (False) the shard changes that agree
-    # with the elected sign. Each shard trains on top of the other open shards' changes, so their sum is what
-    # its edits were fitted to; a mean halves it wherever two shards' features overlap (fact-LM, T = 100:
+    # with the elected sign. Each shard starts from the one before it, so the sum of their increments is what
+    # the last edits were fitted to; a mean halves it wherever two shards' features overlap (fact-LM, T = 100:
     # merge Rel 0.65 -> 0.72, Loc 0.99 in both; retrieve 0.55 -> 0.63).
     merge_normalize: bool = False
     retrieve: bool = False                 # False: WISE-Merge; True: WISE-Retrieve

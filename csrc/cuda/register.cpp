@@ -101,8 +101,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wise_ffn_cuda(const at::Tensor& a
   C10_CUDA_CHECK(wise_cuda::route_sequences(dist.const_data_ptr<float>(),
                                             mask.defined() ? mask.const_data_ptr<bool>() : nullptr, p.batch,
                                             p.tokens, p.memories, static_cast<int>(p.reduce),
-                                            static_cast<int>(p.select), thr.const_data_ptr<float>(), scores.mutable_data_ptr<float>(),
-                                            choice.mutable_data_ptr<int64_t>(), stream));
+                                            static_cast<int>(p.select), thr.const_data_ptr<float>(),
+                                            scores.mutable_data_ptr<float>(), choice.mutable_data_ptr<int64_t>(),
+                                            stream));
   C10_CUDA_CHECK(wise_cuda::gather_routed(dtype_of(a), y.sides.const_data_ptr(), y.sides_stride_m, y.sides_stride_n,
                                           choice.const_data_ptr<int64_t>(), p.batch, p.tokens, p.out_features,
                                           y.main.mutable_data_ptr(), stream));

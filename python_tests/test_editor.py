@@ -497,3 +497,63 @@ def test_the_locality_guard_is_measured_on_held_out_references(tokenizer):
     editor.edit(EDIT)
     held_out = float(editor._scores(guard, editor.layer.memories[0], editor.layer.token_reduce).max())
     assert editor.layer.thresholds[0].item() >= held_out / editor.config.act_ratio * (1 - 1e-6)
+
+
+def test_answers_that_lead_by_the_answer_margin_stop_pulling(tokenizer):
+    """A random head cannot bring an answer near early_stop_loss (its logits are too small
+    for confidence): with plain cross-entropy every edit runs all n_iter steps; with the
+    answer margin it stops once each answer token leads by that many logit spreads."""
+    cfg = dict(n_iter=40, n_context_prefixes=1, n_reference_samples=2)
+    plain = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(answer_margin=None, **cfg))
+    assert plain.edit(EDIT).steps == 40 and plain.state.logit_spread is None
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(answer_margin=3.0, **cfg))
+    result = editor.edit(EDIT)
+    assert result.steps < 40 and result.loss == 0.0
+    assert editor.evaluate([EDIT])["rel"] == 1.0
+    # The spread is the unedited model's: std over the vocabulary at every reference token.
+    editor.detach()
+    ref = logits(model, tokenizer, editor.state.reference_prompts)
+    mask = tokenizer(editor.state.reference_prompts, return_tensors="pt", padding=True)["attention_mask"].bool()
+    assert editor.state.logit_spread == pytest.approx(float(ref[mask].std(-1).mean()), rel=1e-5)
+    # Semantics on set logits: token 0 leads by 3 spreads (no loss), token 1 by 1 spread.
+    editor.state.logit_spread = 0.5
+    z = torch.tensor([[2.5, 1.0, 0.0], [0.0, 0.5, 1.0]])
+    targets = torch.tensor([0, 2])
+    ce = torch.nn.functional.cross_entropy(z, targets, reduction="none")
+    torch.testing.assert_close(editor._answer_loss(z, targets), ce[1] / 2)
+    with pytest.raises(ValueError, match="answer_margin"):
+        WiseConfig(answer_margin=0.0)
+
+
+def test_rehearsal_trains_earlier_edits_of_the_memory_with_each_edit(tokenizer, monkeypatch):
+    batches = []
+    real = WiseEditor._train
+    monkeypatch.setattr(WiseEditor, "_train", lambda self, index, batch: batches.append(batch) or real(self, index, batch))
+    model = make_model("llama", tokenizer)
+    editor = WiseEditor(model, tokenizer, WiseConfig(n_rehearsal=1, **FAST))
+    third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
+    editor.edit_many([EDIT, EDIT2, third])
+    assert [len(b["input_ids"]) for b in batches] == [2, 3, 3]  # prompt, its prefixed copy, rehearsed
+
+    def encoded(req):
+        return wise_ext.requests.encode_answers(tokenizer, [req.prompt], [req.target_new], "cpu")
+
+    def holds(batch, row):
+        n = row["input_ids"].shape[1]
+        return torch.equal(batch["input_ids"][2, :n], row["input_ids"][0]) and torch.equal(
+            batch["labels"][2, :n], row["labels"][0]) and bool((batch["labels"][2, n:] == -100).all())
+
+    assert holds(batches[1], encoded(EDIT))
+    assert holds(batches[2], encoded(EDIT)) or holds(batches[2], encoded(EDIT2))
+    # Its routing margin covers all its tokens but the start token.
+    n = encoded(EDIT)["input_ids"].shape[1]
+    assert batches[1]["span"][2].sum() == n - 1 and batches[1]["span"][2, 0] == 0
+    # Retrieve mode: a frozen memory's edits are not rehearsed.
+    editor.detach()
+    batches.clear()
+    retrieve = WiseEditor(model, tokenizer, WiseConfig(n_rehearsal=1, save_freq=2, merge_freq=2, retrieve=True, **FAST))
+    retrieve.edit_many([EDIT, EDIT2, third])
+    assert [len(b["input_ids"]) for b in batches] == [2, 3, 2]
+    with pytest.raises(ValueError, match="n_rehearsal"):
+        WiseConfig(n_rehearsal=-1)

@@ -47,6 +47,7 @@ class EditorState:
     routing_scale: Optional[float] = None              # mean main-memory output norm on the reference prompts
     margins: Optional[list] = None                     # (alpha, beta, gamma) in use, absolute
     edit_lr: Optional[float] = None                    # calibrated SGD learning rate
+    logit_spread: Optional[float] = None               # mean std over the vocabulary of the reference logits
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,6 +121,9 @@ class WiseEditor:
         if self.state.n_edits % self.config.save_freq == 0:
             self._start_shard()
         index = self.state.shards[-1]
+        rehearsed = self._rehearsed_edits()
+        if rehearsed:
+            batch = self._edit_batch(req, rehearsed)
         result = self._train(index, batch)
         self.state.memory_edits[index].append([req.prompt, req.target_new])
         self.state.n_edits += 1
@@ -176,27 +180,60 @@ class WiseEditor:
 
     # ---- routing calibration ----
     def _calibrate(self) -> None:
-        """Sizes the margins to this layer: the routing scale is the mean norm of the
-        main memory's (activated) output on the reference prompts, measured once."""
+        """Sizes the margins to this layer, once: the routing scale is the mean norm of
+        the main memory's (activated) output on the reference prompts; and with
+        answer_margin, measures the model's logit spread."""
         s, cfg = self.state, self.config
-        if s.margins is not None:
-            return
+        if s.margins is None:
+            s.routing_scale, s.margins = self._routing_margins()
+        if cfg.answer_margin is not None and s.logit_spread is None:
+            s.logit_spread = self._logit_spread()
+
+    def _routing_margins(self) -> tuple[float, list]:
+        cfg = self.config
         ref = self._reference_rows()
         scale = float(ref.mean(ops.routing_distance(torch.zeros_like(ref.y_main), ref.y_main,
                                                     self.layer.routing_act)).mean())
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"{self.layer_name}: the main memory's output on the reference prompts has norm "
                              f"{scale}; cannot calibrate routing")
-        if cfg.act_margin is not None:
-            margins = list(cfg.act_margin)
-            ratio = margins[1] / (cfg.relative_margin[1] * scale)
-            if not 0.1 <= ratio <= 10:
-                warnings.warn(f"WiseConfig.act_margin {tuple(margins)} is {ratio:.3g}x the scale of "
-                              f"{self.layer_name}'s routing scores (beta {cfg.relative_margin[1]} x {scale:.4g}); "
-                              f"leave act_margin unset to calibrate it", stacklevel=3)
-        else:
-            margins = [r * scale for r in cfg.relative_margin]
-        s.routing_scale, s.margins = scale, margins
+        if cfg.act_margin is None:
+            return scale, [r * scale for r in cfg.relative_margin]
+        margins = list(cfg.act_margin)
+        ratio = margins[1] / (cfg.relative_margin[1] * scale)
+        if not 0.1 <= ratio <= 10:
+            warnings.warn(f"WiseConfig.act_margin {tuple(margins)} is {ratio:.3g}x the scale of "
+                          f"{self.layer_name}'s routing scores (beta {cfg.relative_margin[1]} x {scale:.4g}); "
+                          f"leave act_margin unset to calibrate it", stacklevel=4)
+        return scale, margins
+
+    def _answer_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy over the answer tokens, of those that do not yet lead every other
+        token by WiseConfig.answer_margin x the model's logit spread. A head that cannot
+        express confidence (random, undertrained) never brings an answer near
+        early_stop_loss: its cross-entropy would pull the memory's weights for every step."""
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        if self.config.answer_margin is None:
+            return ce.mean()
+        with torch.no_grad():
+            rival = logits.scatter(1, targets[:, None], -math.inf).amax(1)
+            lead = logits.gather(1, targets[:, None])[:, 0] - rival
+            learning = lead < self.config.answer_margin * self.state.logit_spread
+        return (ce * learning).sum() / ce.numel()
+
+    @torch.no_grad()
+    def _logit_spread(self) -> float:
+        """The unedited model's logit spread: the std over the vocabulary of its logits on
+        the reference prompts, averaged over their tokens."""
+        prompts = self.state.reference_prompts
+        spreads = []
+        with self.layer.disabled():
+            for sl in self._batches(len(prompts), 32):
+                batch = encode_answers(self.tokenizer, prompts[sl], [None] * len(prompts[sl]),
+                                       self.layer.weight.device, self.max_length)
+                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                spreads.append(out[batch["attention_mask"].bool()].float().std(-1))
+        return float(torch.cat(spreads).mean())
 
     def _learning_rate(self, grad: torch.Tensor) -> float:
         """WiseConfig.edit_lr (absolute, EasyEdit's), or one calibrated on the first
@@ -395,18 +432,40 @@ class WiseEditor:
             s.context_prefixes = [" ".join(t.split()[:5]) + ". " for t in texts if t]
         return s.context_prefixes
 
-    def _edit_batch(self, req: EditRequest) -> dict:
-        """The prompt and its context-prefixed copies with the target as labels, and
-        ``span``: per row, the tokens of prompt + target (the prefix is shared with
-        unrelated texts, so it is left out of the edit's routing margin)."""
+    def _edit_batch(self, req: EditRequest, rehearsed: Sequence[Sequence[str]] = ()) -> dict:
+        """The prompt and its context-prefixed copies with the target as labels, then the
+        rehearsed earlier edits, and ``span``: per row, the tokens of prompt + target (the
+        prefix is shared with unrelated texts, so it is left out of the routing margin)."""
         prompts = [req.prompt] + [p + req.prompt for p in self._context_prefixes()]
-        batch = encode_answers(self.tokenizer, prompts, [req.target_new] * len(prompts), self.layer.weight.device,
-                               self.max_length)
+        n_own = len(prompts)
+        answers = [req.target_new] * n_own + [t for _, t in rehearsed]
+        batch = encode_answers(self.tokenizer, prompts + [p for p, _ in rehearsed], answers,
+                               self.layer.weight.device, self.max_length)
         lengths = batch["attention_mask"].sum(1, keepdim=True)
-        width = int(self._routing_mask(batch)[0].sum())
+        routed = self._routing_mask(batch)
+        width = int(routed[0].sum())
         pos = torch.arange(batch["attention_mask"].shape[1], device=lengths.device)
-        batch["span"] = ((pos < lengths) & (pos >= lengths - width)).float()
+        span = ((pos < lengths) & (pos >= lengths - width)).float()
+        span[n_own:] = routed[n_own:].float()
+        batch["span"] = span
         return batch
+
+    def _rehearsed_edits(self) -> list:
+        """Up to n_rehearsal earlier edits of the memory this edit trains (merge mode: the
+        merged memory's and the open shards'; retrieve: the open shards'), drawn afresh
+        for every edit: they train with it, so its steps cannot overwrite their answers.
+        (Drawing those the memory answers worst kept no more: fact-LM merge, T = 100.)"""
+        s, n = self.state, self.config.n_rehearsal
+        held = [e for i in self._held_memories() for e in s.memory_edits[i]]
+        if not n or not held:
+            return []
+        g = torch.Generator().manual_seed(self._shard_seed(s.n_edits))
+        return [held[i] for i in torch.randperm(len(held), generator=g)[:n].tolist()]
+
+    def _held_memories(self) -> list[int]:
+        """The memories whose edits share the memory the next edit trains."""
+        s = self.state
+        return list(s.shards) + ([s.merged] if not self.config.retrieve and s.merged is not None else [])
 
     def _unrelated_rows(self) -> TokenRows:
         rows = self._reference_rows()
@@ -451,7 +510,7 @@ class WiseEditor:
                 for steps in range(1, cfg.n_iter + 1):
                     leaf.grad = None
                     logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
-                    lm = F.cross_entropy(logits.float(), targets)
+                    lm = self._answer_loss(logits.float(), targets)
                     s_edit = (session.distances * span).sum(1) / span.sum(1)
                     s_unrel = self._scores(unrelated, leaf)
                     margin = (torch.relu(s_unrel - alpha).mean() + torch.relu(beta - s_edit).mean()
@@ -506,7 +565,7 @@ class WiseEditor:
         if self._reference_moment is None:
             ref = self._reference_rows()
             self._reference_moment = second_moment(ref.a) / max(1, ref.a.shape[0])
-        held = list(s.shards) + ([s.merged] if not self.config.retrieve and s.merged is not None else [])
+        held = self._held_memories()
         n_edits = sum(len(s.memory_edits[i]) for i in held)
         # The references weigh one token per held edit (and one more), each edit edit_protection tokens.
         moment = self._reference_moment * (1 + n_edits)

@@ -116,14 +116,11 @@ class WiseEditor:
     def edit(self, request: RequestLike) -> EditResult:
         """Applies one edit (lifelong: on top of all earlier ones)."""
         req = request if isinstance(request, EditRequest) else EditRequest.from_dict(request)
-        batch = self._edit_batch(req)  # validates before anything changes
+        batch = self._edit_batch(req, self._rehearsed_edits())  # validates before anything changes
         self._calibrate()
         if self.state.n_edits % self.config.save_freq == 0:
-            self._start_shard()
+            self._start_shard()  # a new shard holds no edits yet: the rehearsed ones stay those of its memory
         index = self.state.shards[-1]
-        rehearsed = self._rehearsed_edits()
-        if rehearsed:
-            batch = self._edit_batch(req, rehearsed)
         result = self._train(index, batch)
         self.state.memory_edits[index].append([req.prompt, req.target_new])
         self.state.n_edits += 1
@@ -216,7 +213,8 @@ class WiseEditor:
         if self.config.answer_margin is None:
             return ce.mean()
         with torch.no_grad():
-            rival = logits.scatter(1, targets[:, None], -math.inf).amax(1)
+            top = logits.topk(2, dim=1)
+            rival = torch.where(top.indices[:, 0] == targets, top.values[:, 1], top.values[:, 0])
             lead = logits.gather(1, targets[:, None])[:, 0] - rival
             learning = lead < self.config.answer_margin * self.state.logit_spread
         return (ce * learning).sum() / ce.numel()
@@ -319,8 +317,9 @@ class WiseEditor:
         return max(1, frozen + len(s.shards))
 
     # ---- shards, merges ----
-    def _shard_seed(self, shard: int) -> int:
-        digest = hashlib.sha256(f"wise-ext:{self.config.seed}:{shard}".encode()).digest()
+    def _seed(self, *key) -> int:
+        """A seed per key: a shard's mask and a merge take the shard count, a rehearsal draw the edit count."""
+        digest = hashlib.sha256(":".join(map(str, ("wise-ext", self.config.seed, *key))).encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 1
 
     def _shard_origin(self) -> torch.Tensor:
@@ -344,7 +343,7 @@ class WiseEditor:
         start = self.layer.memories[s.shards[-1]] if s.shards else self._shard_origin()
         index = self._new_memory(start, [])
         s.shards.append(index)
-        s.shard_seeds[str(index)] = self._shard_seed(s.n_shards)
+        s.shard_seeds[str(index)] = self._seed(s.n_shards)
         s.n_shards += 1
 
     def _merge(self) -> None:
@@ -362,7 +361,7 @@ class WiseEditor:
         starts = [base] + [self.layer.memories[i] for i in shards[:-1]]
         increments = [base + (self.layer.memories[i] - start) for i, start in zip(shards, starts)]
         merged = ops.ties_merge(base, increments, weights, cfg.density, sparsify, consensus, cfg.merge_normalize,
-                                self._shard_seed(s.n_shards))
+                                self._seed(s.n_shards))
         edits = [e for i in shards for e in s.memory_edits[i]]
         if not cfg.retrieve and s.merged is not None:
             target = s.merged
@@ -459,7 +458,7 @@ class WiseEditor:
         held = [e for i in self._held_memories() for e in s.memory_edits[i]]
         if not n or not held:
             return []
-        g = torch.Generator().manual_seed(self._shard_seed(s.n_edits))
+        g = torch.Generator().manual_seed(self._seed(s.n_edits))
         return [held[i] for i in torch.randperm(len(held), generator=g)[:n].tolist()]
 
     def _held_memories(self) -> list[int]:

@@ -492,7 +492,7 @@ def test_the_locality_guard_is_measured_on_held_out_references(tokenizer):
     refs = ["The weather today is fine", "Where was Rennet Hale born ?", "Who wrote The Glass Orchard ?"]
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(**FAST), reference_prompts=refs)
     train, guard = editor._reference_rows("train"), editor._reference_rows("guard")
-    assert (train.n_rows, guard.n_rows) == (2, 1)
+    assert (train.n_rows, guard.n_rows) == (3, 1)  # refs 0 and 2, and the two joined
     torch.testing.assert_close(guard.a, editor._rows([refs[1]], None).a)
     editor.edit(EDIT)
     held_out = float(editor._scores(guard, editor.layer.memories[0], editor.layer.token_reduce).max())
@@ -557,3 +557,35 @@ def test_rehearsal_trains_earlier_edits_of_the_memory_with_each_edit(tokenizer, 
     assert [len(b["input_ids"]) for b in batches] == [2, 3, 2]
     with pytest.raises(ValueError, match="n_rehearsal"):
         WiseConfig(n_rehearsal=-1)
+
+
+def test_the_margins_references_include_joined_runs_that_fit_the_context(tokenizer):
+    """Late positions: every run of reference_join consecutive "train" references also
+    counts as one text (in the margin and the preconditioner), unless it is longer than
+    the model's context; the guard half stays as given."""
+    refs = ["The weather today is fine", "Where was Rennet Hale born ?", "Who wrote The Glass Orchard ?",
+            "What is the capital of Veloria ?", "Which city is the capital of Veloria ?"]
+    editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=2, **FAST),
+                        reference_prompts=refs)
+    train, guard = editor._reference_rows("train"), editor._reference_rows("guard")
+    assert (train.n_rows, guard.n_rows) == (5, 2)
+    joined = editor._rows([refs[0] + " " + refs[2], refs[2] + " " + refs[4]], None)
+    torch.testing.assert_close(train.a[train.row >= 3], joined.a)
+    editor.detach()
+    three = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=3, **FAST),
+                       reference_prompts=refs)
+    assert three._reference_rows("train").n_rows == 4
+    three.detach()
+    # Past the context (64 positions) a joined run is left out instead of failing the edit.
+    long = [" ".join([refs[i]] * 7) for i in range(3)]
+    assert all(35 <= len(tokenizer(t)["input_ids"]) <= 64 for t in long)
+    editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=2, **FAST),
+                        reference_prompts=long)
+    assert editor._reference_rows("train").n_rows == 2
+    editor.edit(EDIT)
+    editor.detach()
+    alone = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=1, **FAST),
+                       reference_prompts=refs)
+    assert alone._reference_rows("train").n_rows == 3
+    with pytest.raises(ValueError, match="reference_join"):
+        WiseConfig(reference_join=0)

@@ -263,17 +263,27 @@ class WiseEditor:
         return self._main_rms
 
     def _reference_rows(self, part: str = "train") -> TokenRows:
-        """The reference prompts' layer inputs, in two halves: "train" (every other prompt)
-        shapes the steps (margin loss, preconditioner), "guard" (the rest) sets the
-        locality guard, so the guard is measured on prompts the memory was not fitted to."""
+        """The reference prompts' layer inputs, in two halves: "train" (every other prompt,
+        and their joined runs) shapes the steps (margin loss, preconditioner), "guard" (the
+        rest) sets the locality guard, so the guard is measured on prompts the memory was
+        not fitted to."""
         if self._reference is None:
             s = self.state
             if s.reference_prompts is None:
                 s.reference_prompts = [self.config.unrelated_prompt] + self._sampled_texts()
             prompts = s.reference_prompts
             train, guard = prompts[0::2], prompts[1::2] or prompts[0::2]
-            self._reference = {"train": self._rows(train, None), "guard": self._rows(guard, None)}
+            self._reference = {"train": self._rows(train + self._joined(train), None), "guard": self._rows(guard, None)}
         return self._reference[part]
+
+    def _joined(self, texts: Sequence[str]) -> list[str]:
+        """Each run of WiseConfig.reference_join consecutive texts as one, where it fits the
+        model's context: the late positions that long unrelated texts reach."""
+        k = self.config.reference_join
+        joined = [" ".join(texts[i:i + k]) for i in range(len(texts) - k + 1)] if k > 1 else []
+        if self.max_length is None:
+            return joined
+        return [t for t in joined if len(self.tokenizer(t)["input_ids"]) <= self.max_length]
 
     def _rows(self, prompts: Sequence[str], answers: Optional[Sequence[Optional[str]]], batch_size: int = 64):
         parts = []

@@ -64,8 +64,8 @@ class WiseConfig:
     # The margin's references also count each run of reference_join consecutive ones as one text. On a random
     # LLaMA a memory's distances grow with the token's position (0.3 over the first 5 tokens, 1.5 past 50, with
     # the inputs' norms unchanged), and whole-text references hold few late positions, so unrelated texts with
-    # long answers passed the guard (random LLaMA merge, T = 40: Loc 0.93 -> 0.98, Rel 1.0 -> 0.98 with 2).
-    # 1: the references as given.
+    # long answers passed the guard. With 2: random LLaMA merge, T = 40, Loc 0.93 -> 0.98 (Rel 1.0 -> 0.97); fact-LM
+    # retrieve, T = 100, Rel 0.83 -> 0.97 (Loc 1.0); but random merge, T = 10, Loc 1.0 -> 0.9. 1: as given.
     reference_join: int = 2
     act_ratio: float = 0.88
     save_freq: int = 500                   # edits per shard

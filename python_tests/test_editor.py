@@ -589,3 +589,36 @@ def test_the_margins_references_include_joined_runs_that_fit_the_context(tokeniz
     assert alone._reference_rows("train").n_rows == 3
     with pytest.raises(ValueError, match="reference_join"):
         WiseConfig(reference_join=0)
+
+
+@pytest.mark.parametrize("gamma_shift", [0.0, 1e3])
+def test_the_unrelated_margin_equals_the_full_one_in_value_and_gradient(tokenizer, gamma_shift):
+    """Only the texts a hinge binds are differentiated; the value and the gradients are those
+    of the margin over every text (and 0 with none binding)."""
+    refs = TEXTS + ["Where was Rennet Hale born ? Calder Marrow", "The Glass Orchard"]
+    editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(**FAST), reference_prompts=refs)
+    rows = editor._reference_rows()
+    torch.manual_seed(1)
+    start = editor.layer.weight.detach() + 0.3 * torch.randn_like(editor.layer.weight)
+    full_scores = editor._scores(rows, start).detach()
+    alpha = float(full_scores.median())
+    gamma = float(full_scores.max() - full_scores.min()) / 2 - gamma_shift
+    s_edit0 = full_scores.max() + torch.rand(3)
+
+    def full(weight, s_edit):
+        s = editor._scores(rows, weight)
+        return torch.relu(s - alpha).mean() + torch.relu(gamma - (s_edit[:, None] - s[None, :])).mean()
+
+    w1, e1 = start.clone().requires_grad_(True), s_edit0.clone().requires_grad_(True)
+    ref = full(w1, e1)
+    ref.backward()
+    w2, e2 = start.clone().requires_grad_(True), s_edit0.clone().requires_grad_(True)
+    got = editor._unrelated_margin(rows, w2, e2, alpha, gamma)
+    got.backward()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(w2.grad, w1.grad)
+    torch.testing.assert_close(e2.grad, e1.grad)
+    assert 0 < int((full_scores > min(alpha, float(s_edit0.min()) - gamma)).sum()) < rows.n_rows
+    # Nothing binds: no loss, nothing to differentiate.
+    none = editor._unrelated_margin(rows, start.clone().requires_grad_(True), s_edit0 + 1e3, 1e3, 0.0)
+    assert float(none) == 0.0 and not none.requires_grad

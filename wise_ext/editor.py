@@ -521,9 +521,8 @@ class WiseEditor:
                     logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
                     lm = self._answer_loss(logits.float(), targets)
                     s_edit = (session.distances * span).sum(1) / span.sum(1)
-                    s_unrel = self._scores(unrelated, leaf)
-                    margin = (torch.relu(s_unrel - alpha).mean() + torch.relu(beta - s_edit).mean()
-                              + torch.relu(gamma - (s_edit[:, None] - s_unrel[None, :])).mean())
+                    margin = torch.relu(beta - s_edit).mean() + self._unrelated_margin(unrelated, leaf, s_edit,
+                                                                                         alpha, gamma)
                     (lm + margin).backward()
                     with torch.no_grad():
                         step = self._direction(leaf.grad, weight, features, precond)
@@ -542,6 +541,22 @@ class WiseEditor:
             self.model.train(was_training)
         threshold = self._set_threshold(index, scores)
         return EditResult(steps=steps, loss=loss_value, score=float(scores.min()), threshold=threshold)
+
+    def _unrelated_margin(self, rows: TokenRows, weight: Tensor, s_edit: Tensor, alpha: float,
+                          gamma: float) -> Tensor:
+        """The margin's terms on unrelated texts: the mean over them of relu(s - alpha) and
+        over (edit row, text) pairs of relu(gamma - (s_edit - s)). Only the texts that one
+        of them binds are differentiated: most sit under both, and the backward through
+        their scores (thousands of reference tokens) was most of a step's cost."""
+        with torch.no_grad():
+            scores = self._scores(rows, weight)
+            binding = scores > torch.clamp(s_edit.min() - gamma, max=alpha)
+        if not binding.any():
+            return s_edit.new_zeros(())
+        s = self._scores(rows.select(binding), weight)
+        n = rows.n_rows
+        return (torch.relu(s - alpha).sum() / n
+                + torch.relu(gamma - (s_edit[:, None] - s[None, :])).sum() / (n * s_edit.numel()))
 
     # ---- step direction ----
     def _features(self) -> int:

@@ -39,6 +39,12 @@ class TokenRows:
             n += p.n_rows
         return cls(torch.cat([p.a for p in parts]), torch.cat([p.y_main for p in parts]), torch.cat(rows), n)
 
+    def select(self, keep: Tensor) -> "TokenRows":
+        """The rows where ``keep`` (bool, one per row) holds, numbered in their order."""
+        tokens = keep[self.row]
+        number = torch.cumsum(keep, 0) - 1
+        return TokenRows(self.a[tokens], self.y_main[tokens], number[self.row[tokens]], int(keep.sum()))
+
     def distances(self, y_side: Tensor, act: str) -> Tensor:
         return ops.routing_distance(self.y_main, y_side, act)
 

@@ -551,9 +551,10 @@ class WiseEditor:
         with torch.no_grad():
             scores = self._scores(rows, weight)
             binding = scores > torch.clamp(s_edit.min() - gamma, max=alpha)
-        if not binding.any():
+        live = rows.select(binding)
+        if live.n_rows == 0:
             return s_edit.new_zeros(())
-        s = self._scores(rows.select(binding), weight)
+        s = self._scores(live, weight)
         n = rows.n_rows
         return (torch.relu(s - alpha).sum() / n
                 + torch.relu(gamma - (s_edit[:, None] - s[None, :])).sum() / (n * s_edit.numel()))

@@ -9,6 +9,7 @@ import transformers
 import wise_ext
 from wise_ext import WiseConfig, WiseEditor, ops
 from wise_ext.demo import build_tokenizer
+from wise_ext.preconditioner import second_moment
 from wise_ext.requests import EditRequest
 
 TEXTS = ["What is the capital of Veloria ? Tarsk Marrow", "Who wrote The Glass Orchard ? Edda Lorn Sten Arvo",
@@ -408,8 +409,15 @@ def test_merged_memory_gets_its_own_threshold(threshold_from, tokenizer):
     held_out = editor._scores(editor._reference_rows("guard"), editor.layer.memories[0], "mean")
     assert held_out.numel() > 2
     guard = float(torch.quantile(held_out, 0.9)) / cfg.act_ratio
-    expected = guard if threshold_from == "references" else max(cfg.act_ratio * float(scores.min()), guard)
-    assert editor.layer.thresholds[0].item() == pytest.approx(expected, rel=1e-5)
+    def rule(edge):  # "references": the geometric midpoint where the edits' edge is above the guard
+        if edge <= guard:
+            return guard
+        return (guard * edge) ** 0.5 if threshold_from == "references" else edge
+
+    assert editor.layer.thresholds[0].item() == pytest.approx(rule(cfg.act_ratio * float(scores.min())), rel=1e-5)
+    for edge in (2 * guard, 0.5 * guard):
+        editor.state.min_scores[0] = edge / cfg.act_ratio
+        assert editor._set_threshold(0) == pytest.approx(rule(edge), rel=1e-5)
 
 
 def test_retrieve_guards_tighten_as_memories_are_frozen(tokenizer):
@@ -425,7 +433,9 @@ def test_retrieve_guards_tighten_as_memories_are_frozen(tokenizer):
     for m in range(2):
         held_out = editor._scores(editor._reference_rows("guard"), editor.layer.memories[m], "mean")
         guard = float(torch.quantile(held_out, 0.9)) / cfg.act_ratio
-        assert editor.layer.thresholds[m].item() == pytest.approx(guard, rel=1e-5)
+        edge = cfg.act_ratio * editor.state.min_scores[m]
+        expected = (guard * edge) ** 0.5 if edge > guard else guard
+        assert editor.layer.thresholds[m].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_retrieve_replays_every_frozen_memory_and_picks_the_newest(tokenizer, tmp_path):
@@ -492,7 +502,7 @@ def test_the_locality_guard_is_measured_on_held_out_references(tokenizer):
     refs = ["The weather today is fine", "Where was Rennet Hale born ?", "Who wrote The Glass Orchard ?"]
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(**FAST), reference_prompts=refs)
     train, guard = editor._reference_rows("train"), editor._reference_rows("guard")
-    assert (train.n_rows, guard.n_rows) == (3, 1)  # refs 0 and 2, and the two joined
+    assert (train.n_rows, guard.n_rows) == (2, 1)  # refs 0 and 2
     torch.testing.assert_close(guard.a, editor._rows([refs[1]], None).a)
     editor.edit(EDIT)
     held_out = float(editor._scores(guard, editor.layer.memories[0], editor.layer.token_reduce).max())
@@ -561,32 +571,36 @@ def test_rehearsal_trains_earlier_edits_of_the_memory_with_each_edit(tokenizer, 
 
 def test_the_margins_references_include_joined_runs_that_fit_the_context(tokenizer):
     """Late positions: every run of reference_join consecutive "train" references also
-    counts as one text (in the margin and the preconditioner), unless it is longer than
-    the model's context; the guard half stays as given."""
+    joins the margin's texts, unless it is longer than the model's context. The margin's
+    mean stays over the given texts, and the preconditioner and the guard see them alone."""
     refs = ["The weather today is fine", "Where was Rennet Hale born ?", "Who wrote The Glass Orchard ?",
             "What is the capital of Veloria ?", "Which city is the capital of Veloria ?"]
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=2, **FAST),
                         reference_prompts=refs)
-    train, guard = editor._reference_rows("train"), editor._reference_rows("guard")
-    assert (train.n_rows, guard.n_rows) == (5, 2)
-    joined = editor._rows([refs[0] + " " + refs[2], refs[2] + " " + refs[4]], None)
-    torch.testing.assert_close(train.a[train.row >= 3], joined.a)
+    train, joined, guard = (editor._reference_rows(part) for part in ("train", "joined", "guard"))
+    assert (train.n_rows, joined.n_rows, guard.n_rows) == (3, 2, 2)
+    torch.testing.assert_close(joined.a, editor._rows([refs[0] + " " + refs[2], refs[2] + " " + refs[4]], None).a)
+    unrelated, n_texts = editor._unrelated_rows()
+    assert (unrelated.n_rows, n_texts) == (5, 3)
+    torch.testing.assert_close(unrelated.a[unrelated.row >= 3], joined.a)
+    protected = editor._protected_moment()  # no edits yet: the references' alone, per token
+    torch.testing.assert_close(protected, second_moment(train.a) / train.a.shape[0])
     editor.detach()
     three = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=3, **FAST),
                        reference_prompts=refs)
-    assert three._reference_rows("train").n_rows == 4
+    assert three._reference_rows("joined").n_rows == 1
     three.detach()
     # Past the context (64 positions) a joined run is left out instead of failing the edit.
     long = [" ".join([refs[i]] * 7) for i in range(3)]
     assert all(35 <= len(tokenizer(t)["input_ids"]) <= 64 for t in long)
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=2, **FAST),
                         reference_prompts=long)
-    assert editor._reference_rows("train").n_rows == 2
+    assert editor._reference_rows("joined") is None and editor._unrelated_rows()[0].n_rows == 2
     editor.edit(EDIT)
     editor.detach()
     alone = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=1, **FAST),
                        reference_prompts=refs)
-    assert alone._reference_rows("train").n_rows == 3
+    assert alone._reference_rows("joined") is None and alone._unrelated_rows()[1] == 3
     with pytest.raises(ValueError, match="reference_join"):
         WiseConfig(reference_join=0)
 
@@ -594,7 +608,7 @@ def test_the_margins_references_include_joined_runs_that_fit_the_context(tokeniz
 @pytest.mark.parametrize("gamma_shift", [0.0, 1e3])
 def test_the_unrelated_margin_equals_the_full_one_in_value_and_gradient(tokenizer, gamma_shift):
     """Only the texts a hinge binds are differentiated; the value and the gradients are those
-    of the margin over every text (and 0 with none binding)."""
+    of the margin over every text, its sums divided by the texts counted (and 0 with none binding)."""
     refs = TEXTS + ["Where was Rennet Hale born ? Calder Marrow", "The Glass Orchard"]
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(**FAST), reference_prompts=refs)
     rows = editor._reference_rows()
@@ -605,20 +619,23 @@ def test_the_unrelated_margin_equals_the_full_one_in_value_and_gradient(tokenize
     gamma = float(full_scores.max() - full_scores.min()) / 2 - gamma_shift
     s_edit0 = full_scores.max() + torch.rand(3)
 
+    n_texts = rows.n_rows - 1  # as if one row were a joined run
+
     def full(weight, s_edit):
         s = editor._scores(rows, weight)
-        return torch.relu(s - alpha).mean() + torch.relu(gamma - (s_edit[:, None] - s[None, :])).mean()
+        return (torch.relu(s - alpha).sum() / n_texts
+                + torch.relu(gamma - (s_edit[:, None] - s[None, :])).sum() / (n_texts * len(s_edit)))
 
     w1, e1 = start.clone().requires_grad_(True), s_edit0.clone().requires_grad_(True)
     ref = full(w1, e1)
     ref.backward()
     w2, e2 = start.clone().requires_grad_(True), s_edit0.clone().requires_grad_(True)
-    got = editor._unrelated_margin(rows, w2, e2, alpha, gamma)
+    got = editor._unrelated_margin(rows, n_texts, w2, e2, alpha, gamma)
     got.backward()
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(w2.grad, w1.grad)
     torch.testing.assert_close(e2.grad, e1.grad)
     assert 0 < int((full_scores > min(alpha, float(s_edit0.min()) - gamma)).sum()) < rows.n_rows
     # Nothing binds: no loss, nothing to differentiate.
-    none = editor._unrelated_margin(rows, start.clone().requires_grad_(True), s_edit0 + 1e3, 1e3, 0.0)
+    none = editor._unrelated_margin(rows, n_texts, start.clone().requires_grad_(True), s_edit0 + 1e3, 1e3, 0.0)
     assert float(none) == 0.0 and not none.requires_grad

@@ -52,20 +52,23 @@ class WiseConfig:
     # T = 100: 0.83 -> 0.93 of the edits routed, Rel 0.58 -> 0.65, Loc 0.995 in both; beta 8 gives the same).
     relative_margin: tuple = (2.0, 6.0, 3.0)
     # A memory's routing threshold: "references" puts it 1/act_ratio above the guard_quantile of the held-out
-    # reference prompts' scores; "edits" (the paper's) at act_ratio x its weakest edit's score, raised to that
-    # guard where lower. Edits' scores drift down as later edits land, so the paper's rule drops them; the
-    # guard follows what must stay off (fact-LM merge, T = 100: Rel 0.55 -> 0.59, Loc 1.0 -> 0.99; random
-    # LLaMA, T = 10: 0.40 -> 0.77, Loc 1.0).
+    # reference prompts' scores, or where act_ratio x its weakest edit's score is higher, at the geometric
+    # midpoint of the two (random LLaMA merge, T = 10: Loc 0.9 -> 1.0; a 23-token unrelated text scored 1.00
+    # against that guard's 0.89, the edits 1.45 and up); "edits" (the paper's) at act_ratio x its weakest edit's
+    # score, raised to the guard where lower. Edits' scores drift down as later edits land, so the paper's rule
+    # drops them; the guard follows what must stay off (fact-LM merge, T = 100: Rel 0.55 -> 0.59, Loc 1.0 -> 0.99;
+    # random LLaMA, T = 10: 0.40 -> 0.77, Loc 1.0).
     threshold_from: str = "references"
     # With whole-text references (question and answer, as the paper's scripts build them) the 0.98 guard kept
     # every unrelated prompt off and held back edits (fact-LM, T = 100, Loc 1.0 in both: merge Rel 0.71 -> 0.74,
     # retrieve 0.67 -> 0.74 at 0.95).
     guard_quantile: float = 0.95
-    # The margin's references also count each run of reference_join consecutive ones as one text. On a random
-    # LLaMA a memory's distances grow with the token's position (0.3 over the first 5 tokens, 1.5 past 50, with
-    # the inputs' norms unchanged), and whole-text references hold few late positions, so unrelated texts with
-    # long answers passed the guard. With 2: random LLaMA merge, T = 40, Loc 0.93 -> 0.98 (Rel 1.0 -> 0.97); fact-LM
-    # retrieve, T = 100, Rel 0.83 -> 0.97 (Loc 1.0); but random merge, T = 10, Loc 1.0 -> 0.9. 1: as given.
+    # The margin also keeps each run of reference_join consecutive references, joined as one text, under alpha.
+    # On a random LLaMA a memory's distances grow with the token's position (0.3 over the first 5 tokens, 1.5 past
+    # 50, with the inputs' norms unchanged), and whole-text references hold few late positions, so unrelated texts
+    # with long answers passed the guard. With 2: random LLaMA merge, T = 40, Loc 0.93 -> 0.98 (Rel 1.0 -> 0.97);
+    # fact-LM retrieve, T = 100, Rel 0.83 -> 0.97 (Loc 1.0). The runs add constraints, not texts: counted in the
+    # margin's mean and the preconditioner they held back the demo's edits (Rel 0.88 -> 0.38). 1: none.
     reference_join: int = 2
     act_ratio: float = 0.88
     save_freq: int = 500                   # edits per shard

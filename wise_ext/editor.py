@@ -263,17 +263,19 @@ class WiseEditor:
         return self._main_rms
 
     def _reference_rows(self, part: str = "train") -> TokenRows:
-        """The reference prompts' layer inputs, in two halves: "train" (every other prompt,
-        and their joined runs) shapes the steps (margin loss, preconditioner), "guard" (the
-        rest) sets the locality guard, so the guard is measured on prompts the memory was
-        not fitted to."""
+        """The reference prompts' layer inputs, in parts: "train" (every other prompt) shapes
+        the steps (margin loss, preconditioner), "joined" (runs of them as one text) adds
+        late positions to the margin, "guard" (the rest) sets the locality guard, so the
+        guard is measured on prompts the memory was not fitted to."""
         if self._reference is None:
             s = self.state
             if s.reference_prompts is None:
                 s.reference_prompts = [self.config.unrelated_prompt] + self._sampled_texts()
             prompts = s.reference_prompts
             train, guard = prompts[0::2], prompts[1::2] or prompts[0::2]
-            self._reference = {"train": self._rows(train + self._joined(train), None), "guard": self._rows(guard, None)}
+            joined = self._joined(train)
+            self._reference = {"train": self._rows(train, None), "guard": self._rows(guard, None),
+                               "joined": self._rows(joined, None) if joined else None}
         return self._reference[part]
 
     def _joined(self, texts: Sequence[str]) -> list[str]:
@@ -304,11 +306,13 @@ class WiseEditor:
         return rows.mean(d) if reduce is None else rows.reduce(d, reduce)
 
     def _set_threshold(self, index: int, edit_scores: Optional[torch.Tensor] = None) -> float:
-        """Between the memory's edits and the unrelated prompts (WiseConfig.threshold_from):
-        1/act_ratio above the held-out references' guard_quantile score, or act_ratio below
-        the memory's weakest edit and never under that guard. An unrelated prompt leaves the
-        main memory when any side memory fires, so with k memories routing each one's guard
-        lets through a k-th of the 1 - guard_quantile share."""
+        """Between the memory's edits and the unrelated prompts (WiseConfig.threshold_from).
+        The guard is 1/act_ratio above the held-out references' guard_quantile score; the
+        edge act_ratio below the memory's weakest edit. "references": the geometric
+        midpoint of the two where the edge is higher (as far from what must stay off as from
+        what must fire), else the guard; "edits": the edge, never under the guard. An
+        unrelated prompt leaves the main memory when any side memory fires, so with k
+        memories routing each one's guard lets through a k-th of the 1 - guard_quantile share."""
         s, cfg = self.state, self.config
         if edit_scores is not None:
             s.min_scores[index] = min(s.min_scores[index], float(edit_scores.min()))
@@ -316,7 +320,11 @@ class WiseEditor:
             held_out = self._scores(self._reference_rows("guard"), self.layer.memories[index], self.layer.token_reduce)
         level = 1 - (1 - cfg.guard_quantile) / self._routing_memories()
         guard = float(torch.quantile(held_out.float(), level)) / cfg.act_ratio
-        threshold = guard if cfg.threshold_from == "references" else max(cfg.act_ratio * s.min_scores[index], guard)
+        edge = cfg.act_ratio * s.min_scores[index]
+        if cfg.threshold_from == "edits":
+            threshold = max(edge, guard)
+        else:
+            threshold = math.sqrt(guard * edge) if guard < edge < math.inf else guard
         self.layer.set_threshold(index, threshold)
         return threshold
 
@@ -476,11 +484,17 @@ class WiseEditor:
         s = self.state
         return list(s.shards) + ([s.merged] if not self.config.retrieve and s.merged is not None else [])
 
-    def _unrelated_rows(self) -> TokenRows:
-        rows = self._reference_rows()
+    def _unrelated_rows(self) -> tuple[TokenRows, int]:
+        """The texts the margin keeps under alpha, and how many texts its mean is over: the
+        references and replayed edits. The joined references are constraints on top of the
+        texts they join, not more texts: counted in the mean, they diluted the pull on the
+        single texts, which an unrelated prompt resembles (the demo's Rel 0.88 -> 0.38)."""
+        parts = [self._reference_rows()]
         if self.config.retrieve and self.config.replay and self.state.retrieved:
-            rows = TokenRows.cat([rows, self._replay_rows()])
-        return rows
+            parts.append(self._replay_rows())
+        n_texts = sum(p.n_rows for p in parts)
+        joined = self._reference_rows("joined")
+        return TokenRows.cat(parts + ([joined] if joined is not None else [])), n_texts
 
     def _replay_rows(self) -> TokenRows:
         """Replay (paper, B.3): up to n_replay edits spread evenly over every frozen
@@ -500,7 +514,7 @@ class WiseEditor:
         seed = s.shard_seeds[str(index)]
         origin = self._shard_origin()
         weight = layer.memories[index]
-        unrelated = self._unrelated_rows()
+        unrelated, n_texts = self._unrelated_rows()
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         leaf = weight.detach().requires_grad_(True)
         features = self._shard_features(index)
@@ -521,8 +535,8 @@ class WiseEditor:
                     logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
                     lm = self._answer_loss(logits.float(), targets)
                     s_edit = (session.distances * span).sum(1) / span.sum(1)
-                    margin = torch.relu(beta - s_edit).mean() + self._unrelated_margin(unrelated, leaf, s_edit,
-                                                                                         alpha, gamma)
+                    margin = torch.relu(beta - s_edit).mean() + self._unrelated_margin(unrelated, n_texts, leaf,
+                                                                                         s_edit, alpha, gamma)
                     (lm + margin).backward()
                     with torch.no_grad():
                         step = self._direction(leaf.grad, weight, features, precond)
@@ -542,10 +556,11 @@ class WiseEditor:
         threshold = self._set_threshold(index, scores)
         return EditResult(steps=steps, loss=loss_value, score=float(scores.min()), threshold=threshold)
 
-    def _unrelated_margin(self, rows: TokenRows, weight: Tensor, s_edit: Tensor, alpha: float,
+    def _unrelated_margin(self, rows: TokenRows, n_texts: int, weight: Tensor, s_edit: Tensor, alpha: float,
                           gamma: float) -> Tensor:
-        """The margin's terms on unrelated texts: the mean over them of relu(s - alpha) and
-        over (edit row, text) pairs of relu(gamma - (s_edit - s)). Only the texts that one
+        """The margin's terms on unrelated texts: the sum over the rows, divided by n_texts,
+        of relu(s - alpha), and over (edit row, row) pairs, divided by n_texts x edit rows,
+        of relu(gamma - (s_edit - s)). Only the rows that one
         of them binds are differentiated: most sit under both, and the backward through
         their scores (thousands of reference tokens) was most of a step's cost."""
         with torch.no_grad():
@@ -555,9 +570,8 @@ class WiseEditor:
         if live.n_rows == 0:
             return s_edit.new_zeros(())
         s = self._scores(live, weight)
-        n = rows.n_rows
-        return (torch.relu(s - alpha).sum() / n
-                + torch.relu(gamma - (s_edit[:, None] - s[None, :])).sum() / (n * s_edit.numel()))
+        return (torch.relu(s - alpha).sum() / n_texts
+                + torch.relu(gamma - (s_edit[:, None] - s[None, :])).sum() / (n_texts * s_edit.numel()))
 
     # ---- step direction ----
     def _features(self) -> int:

@@ -560,9 +560,9 @@ class WiseEditor:
                           gamma: float) -> Tensor:
         """The margin's terms on unrelated texts: the sum over the rows, divided by n_texts,
         of relu(s - alpha), and over (edit row, row) pairs, divided by n_texts x edit rows,
-        of relu(gamma - (s_edit - s)). Only the rows that one
-        of them binds are differentiated: most sit under both, and the backward through
-        their scores (thousands of reference tokens) was most of a step's cost."""
+        of relu(gamma - (s_edit - s)). Only the rows that one of them binds are
+        differentiated: most sit under both, and the backward through their scores
+        (thousands of reference tokens) was most of a step's cost."""
         with torch.no_grad():
             scores = self._scores(rows, weight)
             binding = scores > torch.clamp(s_edit.min() - gamma, max=alpha)

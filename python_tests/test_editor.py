@@ -577,7 +577,8 @@ def test_the_margins_references_include_joined_runs_that_fit_the_context(tokeniz
             "What is the capital of Veloria ?", "Which city is the capital of Veloria ?"]
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=2, **FAST),
                         reference_prompts=refs)
-    train, joined, guard = (editor._reference_rows(part) for part in ("train", "joined", "guard"))
+    train, margin, guard = (editor._reference_rows(part) for part in ("train", "margin", "guard"))
+    joined = margin.select(torch.arange(margin.n_rows) >= train.n_rows)
     assert (train.n_rows, joined.n_rows, guard.n_rows) == (3, 2, 2)
     torch.testing.assert_close(joined.a, editor._rows([refs[0] + " " + refs[2], refs[2] + " " + refs[4]], None).a)
     unrelated, n_texts = editor._unrelated_rows()
@@ -588,19 +589,19 @@ def test_the_margins_references_include_joined_runs_that_fit_the_context(tokeniz
     editor.detach()
     three = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=3, **FAST),
                        reference_prompts=refs)
-    assert three._reference_rows("joined").n_rows == 1
+    assert three._reference_rows("margin").n_rows - three._reference_rows().n_rows == 1
     three.detach()
     # Past the context (64 positions) a joined run is left out instead of failing the edit.
     long = [" ".join([refs[i]] * 7) for i in range(3)]
     assert all(35 <= len(tokenizer(t)["input_ids"]) <= 64 for t in long)
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=2, **FAST),
                         reference_prompts=long)
-    assert editor._reference_rows("joined") is None and editor._unrelated_rows()[0].n_rows == 2
+    assert editor._reference_rows("margin") is editor._reference_rows() and editor._unrelated_rows()[0].n_rows == 2
     editor.edit(EDIT)
     editor.detach()
     alone = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=1, **FAST),
                        reference_prompts=refs)
-    assert alone._reference_rows("joined") is None and alone._unrelated_rows()[1] == 3
+    assert alone._reference_rows("margin") is alone._reference_rows() and alone._unrelated_rows()[1] == 3
     with pytest.raises(ValueError, match="reference_join"):
         WiseConfig(reference_join=0)
 

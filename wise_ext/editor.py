@@ -264,18 +264,20 @@ class WiseEditor:
 
     def _reference_rows(self, part: str = "train") -> TokenRows:
         """The reference prompts' layer inputs, in parts: "train" (every other prompt) shapes
-        the steps (margin loss, preconditioner), "joined" (runs of them as one text) adds
-        late positions to the margin, "guard" (the rest) sets the locality guard, so the
-        guard is measured on prompts the memory was not fitted to."""
+        the steps (margin loss, preconditioner); "margin" is those and after them their
+        joined runs (late positions), which the margin keeps under alpha; "guard" (the
+        rest) sets the locality guard, so the guard is measured on prompts the memory was
+        not fitted to."""
         if self._reference is None:
             s = self.state
             if s.reference_prompts is None:
                 s.reference_prompts = [self.config.unrelated_prompt] + self._sampled_texts()
             prompts = s.reference_prompts
             train, guard = prompts[0::2], prompts[1::2] or prompts[0::2]
-            joined = self._joined(train)
-            self._reference = {"train": self._rows(train, None), "guard": self._rows(guard, None),
-                               "joined": self._rows(joined, None) if joined else None}
+            rows, joined = self._rows(train, None), self._joined(train)
+            # Joined once here: every edit's margin reads them.
+            margin = TokenRows.cat([rows, self._rows(joined, None)]) if joined else rows
+            self._reference = {"train": rows, "margin": margin, "guard": self._rows(guard, None)}
         return self._reference[part]
 
     def _joined(self, texts: Sequence[str]) -> list[str]:
@@ -489,12 +491,11 @@ class WiseEditor:
         references and replayed edits. The joined references are constraints on top of the
         texts they join, not more texts: counted in the mean, they diluted the pull on the
         single texts, which an unrelated prompt resembles (the demo's Rel 0.88 -> 0.38)."""
-        parts = [self._reference_rows()]
+        rows, n_texts = self._reference_rows("margin"), self._reference_rows().n_rows
         if self.config.retrieve and self.config.replay and self.state.retrieved:
-            parts.append(self._replay_rows())
-        n_texts = sum(p.n_rows for p in parts)
-        joined = self._reference_rows("joined")
-        return TokenRows.cat(parts + ([joined] if joined is not None else [])), n_texts
+            replay = self._replay_rows()
+            rows, n_texts = TokenRows.cat([rows, replay]), n_texts + replay.n_rows
+        return rows, n_texts
 
     def _replay_rows(self) -> TokenRows:
         """Replay (paper, B.3): up to n_replay edits spread evenly over every frozen

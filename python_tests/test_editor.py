@@ -1,4 +1,5 @@
 """The editor on tiny Hugging Face models of each supported architecture."""
+import dataclasses
 import json
 import os
 
@@ -184,7 +185,7 @@ def test_two_shards_merge_into_one_memory(normalize, tokenizer, monkeypatch):
 
     monkeypatch.setattr(wise_ext.ops, "ties_merge", spy)
     model = make_model("llama", tokenizer)
-    cfg = WiseConfig(save_freq=1, merge_freq=2, merge_normalize=normalize, density=1.0, **FAST)
+    cfg = WiseConfig(save_freq=1, merge_freq=2, merge_normalize=normalize, density=1.0, consolidate_epochs=0, **FAST)
     editor = WiseEditor(model, tokenizer, cfg)
     editor.edit(EDIT)
     editor.edit(EDIT2)  # the second edit starts a second shard, then both merge
@@ -392,6 +393,51 @@ def test_absolute_margins_far_from_the_model_scale_warn(tokenizer):
     assert editor.state.margins == [5.0, 20.0, 10.0] and editor.state.edit_lr is None
 
 
+@pytest.mark.parametrize("retrieve", [False, True])
+def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, monkeypatch):
+    fits = []
+    real = WiseEditor._fit
+
+    def spy(self, index, batch, features, ratio, seed, origin, unrelated):
+        fits.append((self.state.n_edits, batch, features, unrelated[1]))
+        return real(self, index, batch, features, ratio, seed, origin, unrelated)
+
+    monkeypatch.setattr(WiseEditor, "_fit", spy)
+    third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
+    merge_freq = 1 if retrieve else 3
+    cfg = WiseConfig(save_freq=1, merge_freq=merge_freq, retrieve=retrieve, consolidate_epochs=2, consolidate_batch=2,
+                     **{**FAST, "n_iter": 6})
+    editor = WiseEditor(make_model("llama", tokenizer), tokenizer, cfg)
+    editor.edit_many([EDIT, EDIT2, third])
+    n_refs = editor._reference_rows().n_rows
+    held = {False: [EDIT, EDIT2, third], True: [third]}[retrieve]  # the edits of the last memory merged
+    consolidation = [f for f in fits if f[0] == 3]  # the merge after the third edit
+    assert len(consolidation) == 2 * ((len(held) + 1) // 2)  # two passes in batches of two
+    for _, batch, features, n_texts in consolidation:
+        assert features is None and torch.equal(batch["span"], editor._routing_mask(batch).float())
+        # Retrieve: the memory stays under the earlier frozen memories' edits, not its own.
+        assert n_texts == n_refs + (2 if retrieve else 0)
+    expected = sorted(wise_ext.requests.encode_answers(tokenizer, [r.prompt], [r.target_new], "cpu")["input_ids"][0].tolist()
+                      for r in held)
+    for epoch in (consolidation[:len(consolidation) // 2], consolidation[len(consolidation) // 2:]):
+        # Each pass trains every edit of the memory once, as prompt and answer.
+        assert sorted(row[row != 0].tolist() for _, b, _, _ in epoch for row in b["input_ids"]) == expected
+
+    # Consolidated, the merged memory answers its edits better than the merge left it.
+    def answer_loss(ed):
+        ed.layer.thresholds.fill_(0.0)
+        batch = wise_ext.requests.encode_answers(tokenizer, [r.prompt for r in held], [r.target_new for r in held], "cpu")
+        with torch.no_grad():
+            return float(ed.model(**batch).loss)
+
+    monkeypatch.setattr(WiseEditor, "_fit", real)
+    plain = WiseEditor(make_model("llama", tokenizer), tokenizer, dataclasses.replace(cfg, consolidate_epochs=0))
+    plain.edit_many([EDIT, EDIT2, third])
+    assert answer_loss(editor) < answer_loss(plain)
+    with pytest.raises(ValueError, match="consolidate_batch"):
+        WiseConfig(consolidate_batch=0)
+
+
 @pytest.mark.parametrize("threshold_from", ["references", "edits"])
 def test_merged_memory_gets_its_own_threshold(threshold_from, tokenizer):
     model = make_model("llama", tokenizer)
@@ -451,7 +497,7 @@ def test_retrieve_replays_every_frozen_memory_and_picks_the_newest(tokenizer, tm
     assert editor.state.retrieved == [0, 1, 2]
     # Two replayed edits spread over three frozen memories: the first's and the last's.
     expected = editor._rows([EDIT.prompt, third.prompt], [EDIT.target_new, third.target_new])
-    assert torch.equal(editor._replay_rows().a, expected.a)
+    assert torch.equal(editor._replay_rows(editor.state.retrieved).a, expected.a)
     editor.save_pretrained(str(tmp_path))
     fresh = make_model("llama", tokenizer)
     assert wise_ext.attach(fresh, str(tmp_path)).select == "latest"

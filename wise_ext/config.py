@@ -82,6 +82,12 @@ class WiseConfig:
     # the last edits were fitted to; a mean halves it wherever two shards' features overlap (fact-LM, T = 100:
     # merge Rel 0.65 -> 0.72, Loc 0.99 in both; retrieve 0.55 -> 0.63).
     merge_normalize: bool = False
+    # Consolidation: after every merge, the merged (or newly frozen) memory trains on all the edits it holds,
+    # consolidate_epochs passes in shuffled batches of consolidate_batch, with the step and margins of an edit. Ties'
+    # trim and sign election drop part of every shard's change, and each edit nudged the answers of the edits
+    # before it (fact-LM merge, T = 100: Rel 0.905 -> 0.97, Gen 0.62 -> 0.69, Loc 0.99 in both). 0: the merge alone.
+    consolidate_epochs: int = 2
+    consolidate_batch: int = 16
     retrieve: bool = False                 # False: WISE-Merge; True: WISE-Retrieve
     # Retrieve mode: each new memory is trained to stay under a sample of the frozen memories' edits, and
     # inference picks the newest memory that fires (the paper's highest score picked the wrong memory for 0.2
@@ -144,6 +150,10 @@ class WiseConfig:
              f"must be a positive multiple of save_freq ({self.save_freq})")
         need(self.merge_alg in MERGE_METHODS, "merge_alg", f"must be one of {sorted(MERGE_METHODS)}")
         need(0 < self.density <= 1, "density", "must be in (0, 1]")
+        need(isinstance(self.consolidate_epochs, int) and self.consolidate_epochs >= 0, "consolidate_epochs",
+             "must be an integer >= 0")
+        need(isinstance(self.consolidate_batch, int) and self.consolidate_batch >= 1, "consolidate_batch",
+             "must be an integer >= 1")
         need(self.routing_act == "model" or self.routing_act in ACTIVATIONS, "routing_act",
              f"must be 'model' or one of {ACTIVATIONS}")
         need(self.token_reduce in ("mean", "max", "auto"), "token_reduce", "must be mean, max or auto")

@@ -110,7 +110,7 @@ class WiseEditor:
         # derived from state.memory_edits, so not saved.
         self._moments: dict[int, tuple[int, Tensor]] = {}
         self._reference_moment: Optional[Tensor] = None  # per token, of the "train" references
-        self._replay: Optional[tuple[int, TokenRows]] = None  # (frozen memories then, their replayed edits)
+        self._replay: Optional[tuple[list, TokenRows]] = None  # (the frozen memories, their replayed edits)
 
     # ---- public API ----
     def edit(self, request: RequestLike) -> EditResult:
@@ -397,6 +397,7 @@ class WiseEditor:
         self._drop_memories(shards)
         s.shards = []
         target = s.retrieved[-1] if cfg.retrieve else s.merged
+        self._consolidate(target, s.retrieved[:-1] if cfg.retrieve else [])
         # The merged memory answers differently from every shard: its threshold is
         # measured on it, from all the edits it holds, not inherited.
         s.min_scores[target] = math.inf
@@ -407,6 +408,25 @@ class WiseEditor:
         self._set_threshold(target, scores)
         for index in s.retrieved[:-1]:  # one more memory routes: the earlier ones' guards tighten
             self._set_threshold(index)
+
+    def _consolidate(self, index: int, frozen: list) -> None:
+        """Trains memory ``index`` on all the edits it holds (WiseConfig.consolidate_epochs
+        passes, shuffled, in batches of consolidate_batch), under the margin of an edit,
+        replaying the edits of the ``frozen`` memories before it: a merge keeps only part
+        of each shard's change, and each edit nudged the answers of those before it."""
+        cfg, s = self.config, self.state
+        edits = s.memory_edits[index]
+        if not cfg.consolidate_epochs or not edits:
+            return
+        # Every entry trains, each bounded (norm_constraint) around where the merge left it.
+        origin = self.layer.memories[index].clone()
+        unrelated = self._unrelated_rows(frozen)
+        g = torch.Generator().manual_seed(self._seed("consolidate", s.n_edits))
+        for _ in range(cfg.consolidate_epochs):
+            order = torch.randperm(len(edits), generator=g).tolist()
+            for i in range(0, len(edits), cfg.consolidate_batch):
+                chunk = [edits[j] for j in order[i:i + cfg.consolidate_batch]]
+                self._fit(index, self._edit_batch(None, chunk), None, 1.0, 0, origin, unrelated)
 
     def _drop_memories(self, indices: Sequence[int]) -> None:
         s = self.state
@@ -451,21 +471,21 @@ class WiseEditor:
             s.context_prefixes = [" ".join(t.split()[:5]) + ". " for t in texts if t]
         return s.context_prefixes
 
-    def _edit_batch(self, req: EditRequest, rehearsed: Sequence[Sequence[str]] = ()) -> dict:
-        """The prompt and its context-prefixed copies with the target as labels, then the
-        rehearsed earlier edits, and ``span``: per row, the tokens of prompt + target (the
-        prefix is shared with unrelated texts, so it is left out of the routing margin)."""
-        prompts = [req.prompt] + [p + req.prompt for p in self._context_prefixes()]
+    def _edit_batch(self, req: Optional[EditRequest], rehearsed: Sequence[Sequence[str]] = ()) -> dict:
+        """The request's prompt and its context-prefixed copies with the target as labels
+        (none without a request), then the rehearsed earlier edits, and ``span``: per
+        row, the tokens of prompt + target (the prefix is shared with unrelated texts, so
+        it is left out of the routing margin)."""
+        prompts = [req.prompt] + [p + req.prompt for p in self._context_prefixes()] if req is not None else []
         n_own = len(prompts)
-        answers = [req.target_new] * n_own + [t for _, t in rehearsed]
+        answers = [req.target_new] * n_own + [t for _, t in rehearsed] if req is not None else [t for _, t in rehearsed]
         batch = encode_answers(self.tokenizer, prompts + [p for p, _ in rehearsed], answers,
                                self.layer.weight.device, self.max_length)
-        lengths = batch["attention_mask"].sum(1, keepdim=True)
-        routed = self._routing_mask(batch)
-        width = int(routed[0].sum())
-        pos = torch.arange(batch["attention_mask"].shape[1], device=lengths.device)
-        span = ((pos < lengths) & (pos >= lengths - width)).float()
-        span[n_own:] = routed[n_own:].float()
+        span = self._routing_mask(batch).float()
+        if n_own:
+            lengths = batch["attention_mask"][:n_own].sum(1, keepdim=True)
+            pos = torch.arange(span.shape[1], device=span.device)
+            span[:n_own] = ((pos < lengths) & (pos >= lengths - span[0].sum())).float()
         batch["span"] = span
         return batch
 
@@ -486,44 +506,57 @@ class WiseEditor:
         s = self.state
         return list(s.shards) + ([s.merged] if not self.config.retrieve and s.merged is not None else [])
 
-    def _unrelated_rows(self) -> tuple[TokenRows, int]:
+    def _unrelated_rows(self, frozen: Optional[list] = None) -> tuple[TokenRows, int]:
         """The texts the margin keeps under alpha, and how many texts its mean is over: the
-        references and replayed edits. The joined references are constraints on top of the
-        texts they join, not more texts: counted in the mean, they diluted the pull on the
-        single texts, which an unrelated prompt resembles (the demo's Rel 0.88 -> 0.38)."""
+        references and the replayed edits of the ``frozen`` memories (None: every frozen
+        one). The joined references are constraints on top of the texts they join, not
+        more texts: counted in the mean, they diluted the pull on the single texts, which
+        an unrelated prompt resembles (the demo's Rel 0.88 -> 0.38)."""
         rows, n_texts = self._reference_rows("margin"), self._reference_rows().n_rows
-        if self.config.retrieve and self.config.replay and self.state.retrieved:
-            replay = self._replay_rows()
+        frozen = self.state.retrieved if frozen is None else frozen
+        if self.config.retrieve and self.config.replay and frozen:
+            replay = self._replay_rows(frozen)
             rows, n_texts = TokenRows.cat([rows, replay]), n_texts + replay.n_rows
         return rows, n_texts
 
-    def _replay_rows(self) -> TokenRows:
-        """Replay (paper, B.3): up to n_replay edits spread evenly over every frozen
-        memory, which the new memory must not fire on (inference picks the newest
-        memory that fires). Drawn again only when one more memory is frozen."""
+    def _replay_rows(self, frozen: list) -> TokenRows:
+        """Replay (paper, B.3): up to n_replay edits spread evenly over the ``frozen``
+        memories, which a newer memory must not fire on (inference picks the newest
+        memory that fires). Drawn again only when the frozen memories change."""
         s = self.state
-        if self._replay is None or self._replay[0] != len(s.retrieved):
-            held = [e for index in s.retrieved for e in s.memory_edits[index]]
+        if self._replay is None or self._replay[0] != list(frozen):
+            held = [e for index in frozen for e in s.memory_edits[index]]
             n = min(len(held), self.config.n_replay)
             picked = [held[(2 * i + 1) * len(held) // (2 * n)] for i in range(n)]
-            self._replay = (len(s.retrieved), self._rows([p for p, _ in picked], [t for _, t in picked]))
+            self._replay = (list(frozen), self._rows([p for p, _ in picked], [t for _, t in picked]))
         return self._replay[1]
 
     def _train(self, index: int, batch: dict) -> EditResult:
+        """One edit: its batch trains the shard ``index``, whose threshold then follows."""
+        cfg = self.config
+        # Entry shards: the op draws the mask; feature shards: the step is already zero off the shard.
+        ratio = cfg.mask_ratio if cfg.shard_by == "entry" else 1.0
+        steps, loss, scores = self._fit(index, batch, self._shard_features(index), ratio,
+                                        self.state.shard_seeds[str(index)], self._shard_origin(),
+                                        self._unrelated_rows())
+        threshold = self._set_threshold(index, scores)
+        return EditResult(steps=steps, loss=loss, score=float(scores.min()), threshold=threshold)
+
+    def _fit(self, index: int, batch: dict, features: Optional[Tensor], ratio: float, seed: int, origin: Tensor,
+             unrelated: tuple[TokenRows, int]) -> tuple[int, float, Tensor]:
+        """Trains memory ``index`` on ``batch`` (answer loss and routing margin) for up to
+        n_iter preconditioned steps on ``features`` (None: all), the op's entry mask
+        drawn with ``ratio`` and ``seed``, each entry bounded around ``origin``. Returns
+        the steps, the last loss and the routing score of the batch's first row."""
         cfg, layer, s = self.config, self.layer, self.state
         alpha, beta, gamma = s.margins
-        seed = s.shard_seeds[str(index)]
-        origin = self._shard_origin()
         weight = layer.memories[index]
-        unrelated, n_texts = self._unrelated_rows()
+        unrelated, n_texts = unrelated
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         leaf = weight.detach().requires_grad_(True)
-        features = self._shard_features(index)
         precond = None
         if cfg.precondition_eps is not None:
             precond = ridge_preconditioner(self._protected_moment(), features, cfg.precondition_eps)
-        # Entry shards: the op draws the mask; feature shards: the step is already zero off the shard.
-        ratio = cfg.mask_ratio if cfg.shard_by == "entry" else 1.0
         was_training = self.model.training
         self.model.eval()
         loss_value, steps = float("nan"), 0
@@ -548,14 +581,13 @@ class WiseEditor:
                     if lm_v < cfg.early_stop_loss and margin_v == 0.0:
                         break
                 with torch.no_grad():
-                    # The threshold comes from the request's own prompt, as it will be asked.
+                    # An edit's threshold comes from its own prompt (the first row), as it will be asked.
                     edit_rows = TokenRows.from_batch(session.layer_input[:1], layer.editing.y_main[:1],
                                                      self._routing_mask(batch)[:1])
                     scores = self._scores(edit_rows, weight, layer.token_reduce)
         finally:
             self.model.train(was_training)
-        threshold = self._set_threshold(index, scores)
-        return EditResult(steps=steps, loss=loss_value, score=float(scores.min()), threshold=threshold)
+        return steps, loss_value, scores
 
     def _unrelated_margin(self, rows: TokenRows, n_texts: int, weight: Tensor, s_edit: Tensor, alpha: float,
                           gamma: float) -> Tensor:

@@ -478,7 +478,7 @@ class WiseEditor:
         it is left out of the routing margin)."""
         prompts = [req.prompt] + [p + req.prompt for p in self._context_prefixes()] if req is not None else []
         n_own = len(prompts)
-        answers = [req.target_new] * n_own + [t for _, t in rehearsed] if req is not None else [t for _, t in rehearsed]
+        answers = ([req.target_new] * n_own if n_own else []) + [t for _, t in rehearsed]
         batch = encode_answers(self.tokenizer, prompts + [p for p, _ in rehearsed], answers,
                                self.layer.weight.device, self.max_length)
         span = self._routing_mask(batch).float()

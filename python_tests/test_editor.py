@@ -398,9 +398,9 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     fits = []
     real = WiseEditor._fit
 
-    def spy(self, index, batch, features, ratio, seed, origin, unrelated):
+    def spy(self, index, batch, features, precond, ratio, seed, origin, unrelated):
         fits.append((self.state.n_edits, batch, features, unrelated[1]))
-        return real(self, index, batch, features, ratio, seed, origin, unrelated)
+        return real(self, index, batch, features, precond, ratio, seed, origin, unrelated)
 
     monkeypatch.setattr(WiseEditor, "_fit", spy)
     third = EditRequest("Where was Rennet Hale born ?", "Tarsk")

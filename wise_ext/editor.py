@@ -421,12 +421,13 @@ class WiseEditor:
         # Every entry trains, each bounded (norm_constraint) around where the merge left it.
         origin = self.layer.memories[index].clone()
         unrelated = self._unrelated_rows(frozen)
+        precond = self._preconditioner(None)  # the memory's edits stay the same throughout: one inverse
         g = torch.Generator().manual_seed(self._seed("consolidate", s.n_edits))
         for _ in range(cfg.consolidate_epochs):
             order = torch.randperm(len(edits), generator=g).tolist()
             for i in range(0, len(edits), cfg.consolidate_batch):
                 chunk = [edits[j] for j in order[i:i + cfg.consolidate_batch]]
-                self._fit(index, self._edit_batch(None, chunk), None, 1.0, 0, origin, unrelated)
+                self._fit(index, self._edit_batch(None, chunk), None, precond, 1.0, 0, origin, unrelated)
 
     def _drop_memories(self, indices: Sequence[int]) -> None:
         s = self.state
@@ -536,16 +537,17 @@ class WiseEditor:
         cfg = self.config
         # Entry shards: the op draws the mask; feature shards: the step is already zero off the shard.
         ratio = cfg.mask_ratio if cfg.shard_by == "entry" else 1.0
-        steps, loss, scores = self._fit(index, batch, self._shard_features(index), ratio,
+        features = self._shard_features(index)
+        steps, loss, scores = self._fit(index, batch, features, self._preconditioner(features), ratio,
                                         self.state.shard_seeds[str(index)], self._shard_origin(),
                                         self._unrelated_rows())
         threshold = self._set_threshold(index, scores)
         return EditResult(steps=steps, loss=loss, score=float(scores.min()), threshold=threshold)
 
-    def _fit(self, index: int, batch: dict, features: Optional[Tensor], ratio: float, seed: int, origin: Tensor,
-             unrelated: tuple[TokenRows, int]) -> tuple[int, float, Tensor]:
+    def _fit(self, index: int, batch: dict, features: Optional[Tensor], precond: Optional[Tensor], ratio: float,
+             seed: int, origin: Tensor, unrelated: tuple[TokenRows, int]) -> tuple[int, float, Tensor]:
         """Trains memory ``index`` on ``batch`` (answer loss and routing margin) for up to
-        n_iter preconditioned steps on ``features`` (None: all), the op's entry mask
+        n_iter steps on ``features`` (None: all), preconditioned with ``precond``, the op's entry mask
         drawn with ``ratio`` and ``seed``, each entry bounded around ``origin``. Returns
         the steps, the last loss and the routing score of the batch's first row."""
         cfg, layer, s = self.config, self.layer, self.state
@@ -554,9 +556,6 @@ class WiseEditor:
         unrelated, n_texts = unrelated
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         leaf = weight.detach().requires_grad_(True)
-        precond = None
-        if cfg.precondition_eps is not None:
-            precond = ridge_preconditioner(self._protected_moment(), features, cfg.precondition_eps)
         was_training = self.model.training
         self.model.eval()
         loss_value, steps = float("nan"), 0
@@ -628,6 +627,11 @@ class WiseEditor:
         if features is not None:
             weight = weight * (features.view(-1, 1) if self.layer.transpose else features.view(1, -1))
         return step + decay * weight
+
+    def _preconditioner(self, features: Optional[Tensor]) -> Optional[Tensor]:
+        """The ridge preconditioner of the next steps on ``features`` (None: all); None without precondition_eps."""
+        eps = self.config.precondition_eps
+        return None if eps is None else ridge_preconditioner(self._protected_moment(), features, eps)
 
     def _protected_moment(self) -> Tensor:
         """Second moment of the inputs a step must leave alone: the reference prompts'

@@ -398,30 +398,31 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     fits = []
     real = WiseEditor._fit
 
-    def spy(self, index, batch, features, precond, ratio, seed, origin, unrelated):
-        fits.append((self.state.n_edits, batch, features, unrelated[1]))
-        return real(self, index, batch, features, precond, ratio, seed, origin, unrelated)
+    def spy(self, index, batch, features, precond, ratio, seed, origin, unrelated, n_iter):
+        fits.append((self.state.n_edits, batch, features, unrelated[1], n_iter))
+        return real(self, index, batch, features, precond, ratio, seed, origin, unrelated, n_iter)
 
     monkeypatch.setattr(WiseEditor, "_fit", spy)
     third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
     merge_freq = 1 if retrieve else 3
     cfg = WiseConfig(save_freq=1, merge_freq=merge_freq, retrieve=retrieve, consolidate_epochs=2, consolidate_batch=2,
-                     **{**FAST, "n_iter": 6})
+                     consolidate_steps=3, **{**FAST, "n_iter": 6})
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, cfg)
     editor.edit_many([EDIT, EDIT2, third])
     n_refs = editor._reference_rows().n_rows
     held = {False: [EDIT, EDIT2, third], True: [third]}[retrieve]  # the edits of the last memory merged
     consolidation = [f for f in fits if f[0] == 3]  # the merge after the third edit
     assert len(consolidation) == 2 * ((len(held) + 1) // 2)  # two passes in batches of two
-    for _, batch, features, n_texts in consolidation:
-        assert features is None and torch.equal(batch["span"], editor._routing_mask(batch).float())
+    assert {f[4] for f in fits if f[2] is not None} == {6}  # edits (a feature shard each): n_iter steps
+    for _, batch, features, n_texts, n_iter in consolidation:
+        assert features is None and torch.equal(batch["span"], editor._routing_mask(batch).float()) and n_iter == 3
         # Retrieve: the memory stays under the earlier frozen memories' edits, not its own.
         assert n_texts == n_refs + (2 if retrieve else 0)
     expected = sorted(wise_ext.requests.encode_answers(tokenizer, [r.prompt], [r.target_new], "cpu")["input_ids"][0].tolist()
                       for r in held)
     for epoch in (consolidation[:len(consolidation) // 2], consolidation[len(consolidation) // 2:]):
         # Each pass trains every edit of the memory once, as prompt and answer.
-        assert sorted(row[row != 0].tolist() for _, b, _, _ in epoch for row in b["input_ids"]) == expected
+        assert sorted(row[row != 0].tolist() for _, b, *_ in epoch for row in b["input_ids"]) == expected
 
     # Consolidated, the merged memory answers its edits better than the merge left it.
     def answer_loss(ed):
@@ -434,8 +435,9 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     plain = WiseEditor(make_model("llama", tokenizer), tokenizer, dataclasses.replace(cfg, consolidate_epochs=0))
     plain.edit_many([EDIT, EDIT2, third])
     assert answer_loss(editor) < answer_loss(plain)
-    with pytest.raises(ValueError, match="consolidate_batch"):
-        WiseConfig(consolidate_batch=0)
+    for name in ("consolidate_batch", "consolidate_steps"):
+        with pytest.raises(ValueError, match=name):
+            WiseConfig(**{name: 0})
 
 
 @pytest.mark.parametrize("threshold_from", ["references", "edits"])

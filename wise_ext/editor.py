@@ -411,7 +411,9 @@ class WiseEditor:
 
     def _consolidate(self, index: int, frozen: list) -> None:
         """Trains memory ``index`` on all the edits it holds (WiseConfig.consolidate_epochs
-        passes, shuffled, in batches of consolidate_batch), under the margin of an edit,
+        passes, shuffled, in batches of consolidate_batch, consolidate_steps steps each: many
+        short passes fit them jointly, where a batch trained to the end undid the ones before
+        it), under the margin of an edit,
         replaying the edits of the ``frozen`` memories before it: a merge keeps only part
         of each shard's change, and each edit nudged the answers of those before it."""
         cfg, s = self.config, self.state
@@ -427,7 +429,8 @@ class WiseEditor:
             order = torch.randperm(len(edits), generator=g).tolist()
             for i in range(0, len(edits), cfg.consolidate_batch):
                 chunk = [edits[j] for j in order[i:i + cfg.consolidate_batch]]
-                self._fit(index, self._edit_batch(None, chunk), None, precond, 1.0, 0, origin, unrelated)
+                self._fit(index, self._edit_batch(None, chunk), None, precond, 1.0, 0, origin, unrelated,
+                          cfg.consolidate_steps)
 
     def _drop_memories(self, indices: Sequence[int]) -> None:
         s = self.state
@@ -540,14 +543,14 @@ class WiseEditor:
         features = self._shard_features(index)
         steps, loss, scores = self._fit(index, batch, features, self._preconditioner(features), ratio,
                                         self.state.shard_seeds[str(index)], self._shard_origin(),
-                                        self._unrelated_rows())
+                                        self._unrelated_rows(), cfg.n_iter)
         threshold = self._set_threshold(index, scores)
         return EditResult(steps=steps, loss=loss, score=float(scores.min()), threshold=threshold)
 
     def _fit(self, index: int, batch: dict, features: Optional[Tensor], precond: Optional[Tensor], ratio: float,
-             seed: int, origin: Tensor, unrelated: tuple[TokenRows, int]) -> tuple[int, float, Tensor]:
+             seed: int, origin: Tensor, unrelated: tuple[TokenRows, int], n_iter: int) -> tuple[int, float, Tensor]:
         """Trains memory ``index`` on ``batch`` (answer loss and routing margin) for up to
-        n_iter steps on ``features`` (None: all), preconditioned with ``precond``, the op's entry mask
+        ``n_iter`` steps on ``features`` (None: all), preconditioned with ``precond``, the op's entry mask
         drawn with ``ratio`` and ``seed``, each entry bounded around ``origin``. Returns
         the steps, the last loss and the routing score of the batch's first row."""
         cfg, layer, s = self.config, self.layer, self.state
@@ -563,7 +566,7 @@ class WiseEditor:
             with EditSession(self.model, layer, self.block_index, inputs, leaf, self._additive) as session:
                 self._additive = session.additive
                 span = batch["span"]
-                for steps in range(1, cfg.n_iter + 1):
+                for steps in range(1, n_iter + 1):
                     leaf.grad = None
                     logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
                     lm = self._answer_loss(logits.float(), targets)

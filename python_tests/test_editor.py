@@ -399,7 +399,7 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     real = WiseEditor._fit
 
     def spy(self, index, batch, features, precond, ratio, seed, origin, unrelated, n_iter):
-        fits.append((self.state.n_edits, batch, features, unrelated[1], n_iter))
+        fits.append((self.state.n_edits, batch, features, unrelated[1], n_iter, precond))
         return real(self, index, batch, features, precond, ratio, seed, origin, unrelated, n_iter)
 
     monkeypatch.setattr(WiseEditor, "_fit", spy)
@@ -414,8 +414,12 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     consolidation = [f for f in fits if f[0] == 3]  # the merge after the third edit
     assert len(consolidation) == 2 * ((len(held) + 1) // 2)  # two passes in batches of two
     assert {f[4] for f in fits if f[2] is not None} == {6}  # edits (a feature shard each): n_iter steps
-    for _, batch, features, n_texts, n_iter in consolidation:
+    # Both modes: the step protects the memory's own edits, as merge mode's held merged memory does.
+    own = editor._preconditioner(None, [editor.state.retrieved[-1] if retrieve else editor.state.merged])
+    assert not torch.allclose(own, editor._preconditioner(None, []))
+    for _, batch, features, n_texts, n_iter, precond in consolidation:
         assert features is None and torch.equal(batch["span"], editor._routing_mask(batch).float()) and n_iter == 3
+        assert torch.allclose(precond, own)
         # Retrieve: the memory stays under the earlier frozen memories' edits, not its own.
         assert n_texts == n_refs + (2 if retrieve else 0)
     expected = sorted(wise_ext.requests.encode_answers(tokenizer, [r.prompt], [r.target_new], "cpu")["input_ids"][0].tolist()

@@ -88,13 +88,13 @@ class WiseConfig:
     # nudged the answers of the edits before it (fact-LM merge, T = 100, 2 passes of up to n_iter steps: Rel 0.905 ->
     # 0.97, Gen 0.62 -> 0.69, Loc 0.99 in both). Many short passes fit the edits jointly; a batch fitted to the end
     # undid the batches before it (the first merge of the fact-LM's T = 1000 run, 500 edits: Rel 0.62 merged alone,
-    # 0.89 at 2 passes x 70 steps, 0.92 at 8 x 10, 0.93 at 16 x 5 and 32 x 2, 0.95 at 16 x 10 (Loc 0.98), twice the
-    # time of 2 x 70). 0 epochs: the merge alone.
+    # 0.89 at 2 passes x 70 steps, 0.92 at 8 x 10, 0.93 at 16 x 5 and 32 x 2, 0.95 at 16 x 10 (Loc 0.98), in 1.2x the
+    # time of 2 x 70: 410-440 s against 355 s). 0 epochs: the merge alone.
     consolidate_epochs: int = 16
     consolidate_batch: int = 16
     consolidate_steps: int = 10
     retrieve: bool = False                 # False: WISE-Merge; True: WISE-Retrieve
-    # Retrieve mode: each new memory is trained to stay under a sample of the frozen memories' edits, and
+    # Retrieve mode: each new memory is trained to stay under up to n_replay of the frozen memories' edits, and
     # inference picks the newest memory that fires (the paper's highest score picked the wrong memory for 0.2
     # of the fact-LM's T = 100 edits: memories fire on every prompt shaped like their edits).
     replay: bool = True

@@ -10,6 +10,7 @@ import transformers
 import wise_ext
 from wise_ext import WiseConfig, WiseEditor, ops
 from wise_ext.demo import build_tokenizer
+from wise_ext.margin import KeptTexts, kept_margin
 from wise_ext.preconditioner import second_moment
 from wise_ext.requests import EditRequest
 
@@ -398,9 +399,9 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     fits = []
     real = WiseEditor._fit
 
-    def spy(self, index, batch, features, precond, ratio, seed, origin, unrelated, n_iter):
-        fits.append((self.state.n_edits, batch, features, unrelated[1], n_iter, precond))
-        return real(self, index, batch, features, precond, ratio, seed, origin, unrelated, n_iter)
+    def spy(self, index, batch, features, precond, ratio, seed, origin, kept, n_iter):
+        fits.append((self.state.n_edits, batch, features, kept.n_texts, n_iter, precond))
+        return real(self, index, batch, features, precond, ratio, seed, origin, kept, n_iter)
 
     monkeypatch.setattr(WiseEditor, "_fit", spy)
     third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
@@ -490,23 +491,53 @@ def test_retrieve_guards_tighten_as_memories_are_frozen(tokenizer):
         assert editor.layer.thresholds[m].item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_retrieve_replays_every_frozen_memory_and_picks_the_newest(tokenizer, tmp_path):
+def test_retrieve_memories_lose_on_the_frozen_ones_edits_and_win_on_their_own(tokenizer, tmp_path):
+    """Retrieve picks the highest score. With replay each new memory keeps the frozen
+    memories' replayed edits under the score that picks them, less gamma (never under
+    alpha), and its own edits gamma above the frozen memories' scores on them."""
     model = make_model("llama", tokenizer)
     paper = WiseEditor(model, tokenizer, WiseConfig(retrieve=True, replay=False, **FAST))
-    assert paper.layer.select == "score"  # retrieval without replay: the highest score
+    paper._calibrate()
+    assert paper.layer.select == "score" and paper._kept_texts([0]).rivals == []
     paper.detach()
-    cfg = WiseConfig(save_freq=1, merge_freq=1, retrieve=True, n_replay=2, **FAST)
+    cfg = WiseConfig(save_freq=1, merge_freq=1, retrieve=True, n_replay=2, consolidate_epochs=0,
+                     **{**FAST, "n_iter": 10})
     editor = WiseEditor(model, tokenizer, cfg)
-    assert editor.layer.select == "latest"
+    assert editor.layer.select == "score"
     third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
-    editor.edit_many([EDIT, EDIT2, third])
+    reqs = [EDIT, EDIT2, third]
+    editor.edit_many(reqs)
     assert editor.state.retrieved == [0, 1, 2]
     # Two replayed edits spread over three frozen memories: the first's and the last's.
     expected = editor._rows([EDIT.prompt, third.prompt], [EDIT.target_new, third.target_new])
-    assert torch.equal(editor._replay_rows(editor.state.retrieved).a, expected.a)
+    rows, held_by = editor._replay_rows(editor.state.retrieved)
+    assert torch.equal(rows.a, expected.a)
+    scores = torch.stack([editor._scores(expected, editor.layer.memories[m], "mean") for m in range(3)])
+    torch.testing.assert_close(held_by, scores.amax(0))
+    alpha, _, gamma = editor.state.margins
+    kept = editor._kept_texts()
+    n_refs = editor._reference_rows("margin").n_rows
+    assert kept.rivals == [0, 1, 2] and kept.led.tolist() == [True] * n_refs + [False, False]
+    torch.testing.assert_close(kept.ceiling[n_refs:], torch.clamp(held_by - gamma, min=alpha))
+    assert torch.all(kept.ceiling[:n_refs] == alpha)
+    # Each edit is answered by its own memory: the highest score, over the older memories' by gamma.
+    own = editor._rows([r.prompt for r in reqs], [r.target_new for r in reqs])
+    scores = torch.stack([editor._scores(own, editor.layer.memories[m], "mean") for m in range(3)])
+    for m in (1, 2):
+        assert scores[m, m] > scores[:m, m].max() + gamma / 2
+        assert scores[m, :m].lt(scores.diagonal()[:m]).all()
+    logits(model, tokenizer, [f"{r.prompt} {r.target_new}" for r in reqs])
+    assert editor.layer.last_choice.tolist() == [0, 1, 2]
     editor.save_pretrained(str(tmp_path))
     fresh = make_model("llama", tokenizer)
-    assert wise_ext.attach(fresh, str(tmp_path)).select == "latest"
+    assert wise_ext.attach(fresh, str(tmp_path)).select == "score"
+    # A checkpoint of an earlier version, which picked the newest memory that fires, goes on routing so.
+    config_path = tmp_path / "wise_config.json"
+    meta = json.loads(config_path.read_text())
+    meta["routing"]["select"] = "latest"
+    config_path.write_text(json.dumps(meta))
+    resumed = WiseEditor.from_pretrained(make_model("llama", tokenizer), str(tmp_path), tokenizer)
+    assert resumed.layer.select == "latest"
     with pytest.raises(ValueError, match="n_replay"):
         WiseConfig(retrieve=True, n_replay=0)
 
@@ -633,9 +664,10 @@ def test_the_margins_references_include_joined_runs_that_fit_the_context(tokeniz
     joined = margin.select(torch.arange(margin.n_rows) >= train.n_rows)
     assert (train.n_rows, joined.n_rows, guard.n_rows) == (3, 2, 2)
     torch.testing.assert_close(joined.a, editor._rows([refs[0] + " " + refs[2], refs[2] + " " + refs[4]], None).a)
-    unrelated, n_texts = editor._unrelated_rows()
-    assert (unrelated.n_rows, n_texts) == (5, 3)
-    torch.testing.assert_close(unrelated.a[unrelated.row >= 3], joined.a)
+    editor._calibrate()
+    kept = editor._kept_texts()
+    assert (kept.rows.n_rows, kept.n_texts) == (5, 3)
+    torch.testing.assert_close(kept.rows.a[kept.rows.row >= 3], joined.a)
     protected = editor._protected_moment()  # no edits yet: the references' alone, per token
     torch.testing.assert_close(protected, second_moment(train.a) / train.a.shape[0])
     editor.detach()
@@ -648,20 +680,23 @@ def test_the_margins_references_include_joined_runs_that_fit_the_context(tokeniz
     assert all(35 <= len(tokenizer(t)["input_ids"]) <= 64 for t in long)
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=2, **FAST),
                         reference_prompts=long)
-    assert editor._reference_rows("margin") is editor._reference_rows() and editor._unrelated_rows()[0].n_rows == 2
+    editor._calibrate()
+    assert editor._reference_rows("margin") is editor._reference_rows() and editor._kept_texts().rows.n_rows == 2
     editor.edit(EDIT)
     editor.detach()
     alone = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(reference_join=1, **FAST),
                        reference_prompts=refs)
-    assert alone._reference_rows("margin") is alone._reference_rows() and alone._unrelated_rows()[1] == 3
+    alone._calibrate()
+    assert alone._reference_rows("margin") is alone._reference_rows() and alone._kept_texts().n_texts == 3
     with pytest.raises(ValueError, match="reference_join"):
         WiseConfig(reference_join=0)
 
 
 @pytest.mark.parametrize("gamma_shift", [0.0, 1e3])
-def test_the_unrelated_margin_equals_the_full_one_in_value_and_gradient(tokenizer, gamma_shift):
+def test_the_kept_margin_equals_the_full_one_in_value_and_gradient(tokenizer, gamma_shift):
     """Only the texts a hinge binds are differentiated; the value and the gradients are those
-    of the margin over every text, its sums divided by the texts counted (and 0 with none binding)."""
+    of the margin over every text (each under its own ceiling, the led ones gamma under the
+    edit's rows), its sums divided by the texts counted (and 0 with none binding)."""
     refs = TEXTS + ["Where was Rennet Hale born ? Calder Marrow", "The Glass Orchard"]
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, WiseConfig(**FAST), reference_prompts=refs)
     rows = editor._reference_rows()
@@ -671,24 +706,29 @@ def test_the_unrelated_margin_equals_the_full_one_in_value_and_gradient(tokenize
     alpha = float(full_scores.median())
     gamma = float(full_scores.max() - full_scores.min()) / 2 - gamma_shift
     s_edit0 = full_scores.max() + torch.rand(3)
-
+    # The last row stands for a replayed edit: a ceiling of its own, not led.
+    ceiling = torch.full((rows.n_rows,), alpha)
+    ceiling[-1] = float(full_scores[-1]) * (0.5 + torch.rand(()).item())
+    led = torch.arange(rows.n_rows) < rows.n_rows - 1
     n_texts = rows.n_rows - 1  # as if one row were a joined run
+    kept = KeptTexts(rows, n_texts, ceiling, led)
 
     def full(weight, s_edit):
         s = editor._scores(rows, weight)
-        return (torch.relu(s - alpha).sum() / n_texts
-                + torch.relu(gamma - (s_edit[:, None] - s[None, :])).sum() / (n_texts * len(s_edit)))
+        return (torch.relu(s - ceiling).sum() / n_texts
+                + torch.relu(gamma - (s_edit[:, None] - s[led][None, :])).sum() / (n_texts * len(s_edit)))
 
     w1, e1 = start.clone().requires_grad_(True), s_edit0.clone().requires_grad_(True)
     ref = full(w1, e1)
     ref.backward()
     w2, e2 = start.clone().requires_grad_(True), s_edit0.clone().requires_grad_(True)
-    got = editor._unrelated_margin(rows, n_texts, w2, e2, alpha, gamma)
+    got = kept_margin(kept, lambda r: editor._scores(r, w2), e2, gamma)
     got.backward()
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(w2.grad, w1.grad)
     torch.testing.assert_close(e2.grad, e1.grad)
     assert 0 < int((full_scores > min(alpha, float(s_edit0.min()) - gamma)).sum()) < rows.n_rows
     # Nothing binds: no loss, nothing to differentiate.
-    none = editor._unrelated_margin(rows, n_texts, start.clone().requires_grad_(True), s_edit0 + 1e3, 1e3, 0.0)
+    high = KeptTexts(rows, n_texts, torch.full((rows.n_rows,), 1e3), led)
+    none = kept_margin(high, lambda r: editor._scores(r, start.clone().requires_grad_(True)), s_edit0 + 1e3, 0.0)
     assert float(none) == 0.0 and not none.requires_grad

@@ -119,6 +119,8 @@ def load_checkpoint(cls, model: nn.Module, path: str, tokenizer=None):
     config = WiseConfig.from_dict({**meta["config"], "layer": meta["layer"]})
     editor = cls(model, tokenizer, config)
     editor.layer.routing_act = meta["routing"]["act"]
+    # An older retrieve checkpoint picked the newest memory that fires: it goes on routing as it was trained.
+    editor.layer.select = meta["routing"].get("select", editor.layer.select)
     editor.layer.load_memories(tensors["memories"], tensors["thresholds"])
     from .editor import EditorState
 

@@ -94,19 +94,21 @@ class WiseConfig:
     consolidate_batch: int = 16
     consolidate_steps: int = 10
     retrieve: bool = False                 # False: WISE-Merge; True: WISE-Retrieve
-    # Retrieve mode: each new memory is trained to stay under up to n_replay of the frozen memories' edits, and
-    # inference picks the newest memory that fires (the paper's highest score picked the wrong memory for 0.2
-    # of the fact-LM's T = 100 edits: memories fire on every prompt shaped like their edits).
+    # Retrieve mode: inference picks the memory with the highest score (the paper's rule). With replay, each new
+    # memory is trained on up to n_replay of the frozen memories' edits to score gamma under the memory that picks
+    # each now (never asked under alpha), and on its own edits gamma above the frozen memories' scores on them.
+    # Without it the highest score picked the wrong memory for 0.2 of the fact-LM's T = 100 edits: memories fire on
+    # every prompt shaped like their edits. Kept under alpha on the replayed edits instead, with the newest memory
+    # that fires picked, the newer memory of the fact-LM's T = 1000 run went silent on its own edits (0.38 of them
+    # answered, against 0.93 of the older memory's).
     replay: bool = True
     routing_act: str = "model"             # "model": the model's own activation (EasyEdit); or one of ACTIVATIONS
     token_reduce: str = "auto"             # mean | max | auto (max past 100 tokens)
     sticky_routing: bool = False           # generate(): keep the prompt's routing for generated tokens
     n_context_prefixes: int = 4            # context-prefixed copies of each edit prompt
     n_reference_samples: int = 16          # texts sampled from the model as unrelated references
-    # Retrieve + replay: edits of the frozen memories kept off. 64 of a 500-edit memory left the newer memory firing
-    # on the older one's other edits; with all 500 the older memory's edits are answered (fact-LM retrieve, T = 1000,
-    # resumed at edit 500 with 16 x 10 consolidation: Rel of edits 0-499 0.93, overall 0.57 -> 0.66, Loc 0.98), at
-    # about 2.5 s per edit more on this CPU. The newer memory's own edits then route poorly (0.38): open.
+    # Retrieve + replay: edits of the frozen memories replayed. 64 of a 500-edit memory left the newer memory
+    # firing on the older one's other edits; all 500 cost about 2.5 s per edit more on this CPU (fact-LM, T = 1000).
     n_replay: int = 1024
     # Rehearsal: this many earlier edits of the memory an edit trains (drawn afresh per edit) join its batch, so
     # its steps keep their answers and routing scores. Later edits overwrote earlier ones (forced to the side

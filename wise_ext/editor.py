@@ -26,6 +26,7 @@ from .preconditioner import ridge_preconditioner, second_moment, shard_features,
 from .edit_session import EditSession, answer_logits, layer_inputs
 from .requests import EditRequest, context_limit, encode_answers, token_accuracy
 from .surgery import block_index_of, default_layer, get_module, model_activation, set_module
+from .margin import KeptTexts, kept_margin
 from .token_rows import TokenRows
 
 RequestLike = Union[EditRequest, dict]
@@ -86,11 +87,11 @@ class WiseEditor:
             raise ValueError(f"{self.layer_name} already carries a WiseLayer: detach it or use from_pretrained")
         self.block_index = block_index_of(model, self.layer_name)
         act = model_activation(model) if self.config.routing_act == "model" else self.config.routing_act
-        # The newest memory that fires holds the edit: each open shard holds the earlier
-        # ones' changes, and with replay each frozen memory was trained to stay under the
-        # earlier memories' edits. Older memories never saw the newer edits and fire on
-        # them as on any prompt of their kind. Retrieval without replay: the paper's rule.
-        select = "score" if self.config.retrieve and not self.config.replay else "latest"
+        # Merge mode: the newest memory that fires holds the edit (each open shard holds
+        # the earlier ones' changes and the merged memory's). Retrieve: the highest score,
+        # the paper's rule; with replay each memory was trained to lose to the frozen
+        # memories on their edits and to beat them on its own (KeptTexts).
+        select = "score" if self.config.retrieve else "latest"
         self.layer = WiseLayer(module, routing_act=act, token_reduce=self.config.token_reduce,
                                sticky_routing=self.config.sticky_routing, select=select)
         set_module(model, self.layer_name, self.layer)
@@ -110,7 +111,8 @@ class WiseEditor:
         # derived from state.memory_edits, so not saved.
         self._moments: dict[int, tuple[int, Tensor]] = {}
         self._reference_moment: Optional[Tensor] = None  # per token, of the "train" references
-        self._replay: Optional[tuple[list, TokenRows]] = None  # (the frozen memories, their replayed edits)
+        # (the frozen memories, their replayed edits, the highest of those memories' scores on each)
+        self._replay: Optional[tuple[list, TokenRows, Tensor]] = None
 
     # ---- public API ----
     def edit(self, request: RequestLike) -> EditResult:
@@ -422,7 +424,7 @@ class WiseEditor:
             return
         # Every entry trains, each bounded (norm_constraint) around where the merge left it.
         origin = self.layer.memories[index].clone()
-        unrelated = self._unrelated_rows(frozen)
+        kept = self._kept_texts(frozen)
         # The memory's own edits weigh in the step as in merge mode, where the merged memory is held (retrieve
         # without them, fact-LM T = 1000's first merge: Rel 0.935 against 0.951, Loc 0.977 against 0.982). They stay
         # the same throughout: one inverse.
@@ -432,7 +434,7 @@ class WiseEditor:
             order = torch.randperm(len(edits), generator=g).tolist()
             for i in range(0, len(edits), cfg.consolidate_batch):
                 chunk = [edits[j] for j in order[i:i + cfg.consolidate_batch]]
-                self._fit(index, self._edit_batch(None, chunk), None, precond, 1.0, 0, origin, unrelated,
+                self._fit(index, self._edit_batch(None, chunk), None, precond, 1.0, 0, origin, kept,
                           cfg.consolidate_steps)
 
     def _drop_memories(self, indices: Sequence[int]) -> None:
@@ -513,30 +515,40 @@ class WiseEditor:
         s = self.state
         return list(s.shards) + ([s.merged] if not self.config.retrieve and s.merged is not None else [])
 
-    def _unrelated_rows(self, frozen: Optional[list] = None) -> tuple[TokenRows, int]:
-        """The texts the margin keeps under alpha, and how many texts its mean is over: the
-        references and the replayed edits of the ``frozen`` memories (None: every frozen
-        one). The joined references are constraints on top of the texts they join, not
-        more texts: counted in the mean, they diluted the pull on the single texts, which
-        an unrelated prompt resembles (the demo's Rel 0.88 -> 0.38)."""
+    def _kept_texts(self, frozen: Optional[list] = None) -> KeptTexts:
+        """The texts the margin keeps down: the references, under alpha, and in retrieve
+        mode with replay the replayed edits of the ``frozen`` memories (None: every frozen
+        one), under their memories' scores less gamma. The joined references are
+        constraints on top of the texts they join, not more texts: counted in the mean,
+        they diluted the pull on the single texts, which an unrelated prompt resembles
+        (the demo's Rel 0.88 -> 0.38)."""
+        alpha, _, gamma = self.state.margins
         rows, n_texts = self._reference_rows("margin"), self._reference_rows().n_rows
+        ceiling = torch.full((rows.n_rows,), alpha, device=rows.a.device)
+        led = torch.ones(rows.n_rows, dtype=torch.bool, device=rows.a.device)
         frozen = self.state.retrieved if frozen is None else frozen
-        if self.config.retrieve and self.config.replay and frozen:
-            replay = self._replay_rows(frozen)
-            rows, n_texts = TokenRows.cat([rows, replay]), n_texts + replay.n_rows
-        return rows, n_texts
+        if not (self.config.retrieve and self.config.replay and frozen):
+            return KeptTexts(rows, n_texts, ceiling, led)
+        replay, held_by = self._replay_rows(frozen)
+        return KeptTexts(TokenRows.cat([rows, replay]), n_texts + replay.n_rows,
+                         torch.cat([ceiling, torch.clamp(held_by - gamma, min=alpha)]),
+                         torch.cat([led, torch.zeros_like(held_by, dtype=torch.bool)]), list(frozen))
 
-    def _replay_rows(self, frozen: list) -> TokenRows:
+    def _replay_rows(self, frozen: list) -> tuple[TokenRows, Tensor]:
         """Replay (paper, B.3): up to n_replay edits spread evenly over the ``frozen``
-        memories, which a newer memory must not fire on (inference picks the newest
-        memory that fires). Drawn again only when the frozen memories change."""
+        memories, and the score that picks a memory for each (the highest of theirs).
+        Drawn again only when the frozen memories change."""
         s = self.state
         if self._replay is None or self._replay[0] != list(frozen):
             held = [e for index in frozen for e in s.memory_edits[index]]
             n = min(len(held), self.config.n_replay)
             picked = [held[(2 * i + 1) * len(held) // (2 * n)] for i in range(n)]
-            self._replay = (list(frozen), self._rows([p for p, _ in picked], [t for _, t in picked]))
-        return self._replay[1]
+            rows = self._rows([p for p, _ in picked], [t for _, t in picked])
+            with torch.no_grad():
+                held_by = torch.stack([self._scores(rows, self.layer.memories[m], self.layer.token_reduce)
+                                       for m in frozen]).amax(0)
+            self._replay = (list(frozen), rows, held_by)
+        return self._replay[1], self._replay[2]
 
     def _train(self, index: int, batch: dict) -> EditResult:
         """One edit: its batch trains the shard ``index``, whose threshold then follows."""
@@ -546,20 +558,19 @@ class WiseEditor:
         features = self._shard_features(index)
         steps, loss, scores = self._fit(index, batch, features, self._preconditioner(features), ratio,
                                         self.state.shard_seeds[str(index)], self._shard_origin(),
-                                        self._unrelated_rows(), cfg.n_iter)
+                                        self._kept_texts(), cfg.n_iter)
         threshold = self._set_threshold(index, scores)
         return EditResult(steps=steps, loss=loss, score=float(scores.min()), threshold=threshold)
 
     def _fit(self, index: int, batch: dict, features: Optional[Tensor], precond: Optional[Tensor], ratio: float,
-             seed: int, origin: Tensor, unrelated: tuple[TokenRows, int], n_iter: int) -> tuple[int, float, Tensor]:
-        """Trains memory ``index`` on ``batch`` (answer loss and routing margin) for up to
-        ``n_iter`` steps on ``features`` (None: all), preconditioned with ``precond``, the op's entry mask
-        drawn with ``ratio`` and ``seed``, each entry bounded around ``origin``. Returns
+             seed: int, origin: Tensor, kept: KeptTexts, n_iter: int) -> tuple[int, float, Tensor]:
+        """Trains memory ``index`` on ``batch`` (answer loss and routing margin, ``kept`` down) for up
+        to ``n_iter`` steps on ``features`` (None: all), preconditioned with ``precond``, the op's entry
+        mask drawn with ``ratio`` and ``seed``, each entry bounded around ``origin``. Returns
         the steps, the last loss and the routing score of the batch's first row."""
         cfg, layer, s = self.config, self.layer, self.state
-        alpha, beta, gamma = s.margins
+        _, beta, gamma = s.margins
         weight = layer.memories[index]
-        unrelated, n_texts = unrelated
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         leaf = weight.detach().requires_grad_(True)
         was_training = self.model.training
@@ -569,13 +580,14 @@ class WiseEditor:
             with EditSession(self.model, layer, self.block_index, inputs, leaf, self._additive) as session:
                 self._additive = session.additive
                 span = batch["span"]
+                floor = self._edit_floor(session, span, kept.rivals)
                 for steps in range(1, n_iter + 1):
                     leaf.grad = None
                     logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
                     lm = self._answer_loss(logits.float(), targets)
                     s_edit = (session.distances * span).sum(1) / span.sum(1)
-                    margin = torch.relu(beta - s_edit).mean() + self._unrelated_margin(unrelated, n_texts, leaf,
-                                                                                         s_edit, alpha, gamma)
+                    margin = (torch.relu(floor - s_edit).mean()
+                              + kept_margin(kept, lambda rows: self._scores(rows, leaf), s_edit, gamma))
                     (lm + margin).backward()
                     with torch.no_grad():
                         step = self._direction(leaf.grad, weight, features, precond)
@@ -594,22 +606,18 @@ class WiseEditor:
             self.model.train(was_training)
         return steps, loss_value, scores
 
-    def _unrelated_margin(self, rows: TokenRows, n_texts: int, weight: Tensor, s_edit: Tensor, alpha: float,
-                          gamma: float) -> Tensor:
-        """The margin's terms on unrelated texts: the sum over the rows, divided by n_texts,
-        of relu(s - alpha), and over (edit row, row) pairs, divided by n_texts x edit rows,
-        of relu(gamma - (s_edit - s)). Only the rows that one of them binds are
-        differentiated: most sit under both, and the backward through their scores
-        (thousands of reference tokens) was most of a step's cost."""
-        with torch.no_grad():
-            scores = self._scores(rows, weight)
-            binding = scores > torch.clamp(s_edit.min() - gamma, max=alpha)
-        live = rows.select(binding)
-        if live.n_rows == 0:
-            return s_edit.new_zeros(())
-        s = self._scores(live, weight)
-        return (torch.relu(s - alpha).sum() / n_texts
-                + torch.relu(gamma - (s_edit[:, None] - s[None, :])).sum() / (n_texts * s_edit.numel()))
+    @torch.no_grad()
+    def _edit_floor(self, session: EditSession, span: Tensor, rivals: list) -> Tensor | float:
+        """The score each row of the batch must reach: beta, and gamma above the ``rivals``' scores
+        on it (retrieve: inference picks the highest score)."""
+        _, beta, gamma = self.state.margins
+        if not rivals:
+            return beta
+        a, y_main = session.layer_input, self.layer.editing.y_main
+        rival = torch.stack([(ops.routing_distance(y_main, self.layer.linear(a, self.layer.memories[m]),
+                                                   self.layer.routing_act) * span).sum(1) / span.sum(1)
+                             for m in rivals]).amax(0)
+        return torch.clamp(rival + gamma, min=beta)
 
     # ---- step direction ----
     def _features(self) -> int:

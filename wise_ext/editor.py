@@ -613,10 +613,8 @@ class WiseEditor:
         _, beta, gamma = self.state.margins
         if not rivals:
             return beta
-        a, y_main = session.layer_input, self.layer.editing.y_main
-        rival = torch.stack([(ops.routing_distance(y_main, self.layer.linear(a, self.layer.memories[m]),
-                                                   self.layer.routing_act) * span).sum(1) / span.sum(1)
-                             for m in rivals]).amax(0)
+        rows = TokenRows.from_batch(session.layer_input, self.layer.editing.y_main, span)
+        rival = torch.stack([self._scores(rows, self.layer.memories[m]) for m in rivals]).amax(0)
         return torch.clamp(rival + gamma, min=beta)
 
     # ---- step direction ----

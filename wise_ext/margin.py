@@ -37,9 +37,10 @@ def kept_margin(texts: KeptTexts, score: Callable[[TokenRows], Tensor], s_edit: 
     with torch.no_grad():
         s_all = score(rows)
         binding = (s_all > texts.ceiling) | (texts.led & (s_all > s_edit.min() - gamma))
-    if not bool(binding.any()):
+    live = rows.select(binding)
+    if live.n_rows == 0:
         return s_edit.new_zeros(())
-    s = score(rows.select(binding))
+    s = score(live)
     led = texts.led[binding]
     return (torch.relu(s - texts.ceiling[binding]).sum() / texts.n_texts
             + torch.relu(gamma - (s_edit[:, None] - s[led][None, :])).sum() / (texts.n_texts * s_edit.numel()))

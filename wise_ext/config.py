@@ -100,7 +100,7 @@ class WiseConfig:
     # Without it the highest score picked the wrong memory for 0.2 of the fact-LM's T = 100 edits: memories fire on
     # every prompt shaped like their edits. Kept under alpha on the replayed edits instead, with the newest memory
     # that fires picked, the newer memory of the fact-LM's T = 1000 run went silent on its own edits (0.38 of them
-    # answered, against 0.93 of the older memory's); by the highest score 0.81 and 0.89 (Rel 0.66 -> 0.85, Loc 0.99).
+    # answered, against 0.93 of the older memory's); by the highest score 0.81 and 0.89 (T = 1000 Rel 0.66 -> 0.85).
     # Against that rule at T = 100: fact-LM Rel 0.98 in both, Gen 0.64 -> 0.70, Loc 1.0 -> 0.99; random LLaMA
     # (T = 40) Rel 1.0 and Loc 1.0 in both, Gen 0.58 -> 0.44.
     replay: bool = True

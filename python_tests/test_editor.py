@@ -399,9 +399,11 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     fits = []
     real = WiseEditor._fit
 
-    def spy(self, index, batch, features, precond, ratio, seed, origin, kept, n_iter):
-        fits.append((self.state.n_edits, batch, features, kept.n_texts, n_iter, precond))
-        return real(self, index, batch, features, precond, ratio, seed, origin, kept, n_iter)
+    def spy(self, index, batch, features, precond, ratio, seed, origin, kept, n_iter, least=None):
+        # The floor a consolidation pass holds the edits to, as the memory stands when the pass starts.
+        guard_floor = max(self.state.margins[1], self._guard(index) / self.config.act_ratio)
+        fits.append((self.state.n_edits, batch, features, kept.n_texts, n_iter, precond, least, guard_floor))
+        return real(self, index, batch, features, precond, ratio, seed, origin, kept, n_iter, least)
 
     monkeypatch.setattr(WiseEditor, "_fit", spy)
     third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
@@ -418,11 +420,18 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     # Both modes: the step protects the memory's own edits, as merge mode's held merged memory does.
     own = editor._preconditioner(None, [editor.state.retrieved[-1] if retrieve else editor.state.merged])
     assert not torch.allclose(own, editor._preconditioner(None, []))
-    for _, batch, features, n_texts, n_iter, precond in consolidation:
+    for _, batch, features, n_texts, n_iter, precond, *_ in consolidation:
         assert features is None and torch.equal(batch["span"], editor._routing_mask(batch).float()) and n_iter == 3
         assert torch.allclose(precond, own)
         # Retrieve: the memory stays under the earlier frozen memories' edits, not its own.
         assert n_texts == n_refs + (2 if retrieve else 0)
+    # Edits are held to beta; a consolidation pass to 1/act_ratio above the memory's guard as the pass starts,
+    # where the threshold sits under every edit that reaches it.
+    assert all(f[6] is None for f in fits if f[2] is not None)
+    starts = consolidation[::(len(held) + 1) // 2]
+    assert len(starts) == 2 and all(f[6] == pytest.approx(f[7]) for f in starts)
+    assert all(f[6] >= editor.state.margins[1] for f in consolidation)
+    assert any(f[7] > editor.state.margins[1] for f in starts)  # the guard, not beta, sets it here
     expected = sorted(wise_ext.requests.encode_answers(tokenizer, [r.prompt], [r.target_new], "cpu")["input_ids"][0].tolist()
                       for r in held)
     for epoch in (consolidation[:len(consolidation) // 2], consolidation[len(consolidation) // 2:]):

@@ -89,7 +89,10 @@ class WiseConfig:
     # 0.97, Gen 0.62 -> 0.69, Loc 0.99 in both). Many short passes fit the edits jointly; a batch fitted to the end
     # undid the batches before it (the first merge of the fact-LM's T = 1000 run, 500 edits: Rel 0.62 merged alone,
     # 0.89 at 2 passes x 70 steps, 0.92 at 8 x 10, 0.93 at 16 x 5 and 32 x 2, 0.95 at 16 x 10 (Loc 0.98), in 1.2x the
-    # time of 2 x 70: 410-440 s against 355 s). 0 epochs: the merge alone.
+    # time of 2 x 70: 410-440 s against 355 s). Each pass holds the edits to 1/act_ratio above the memory's guard,
+    # not to beta: after hundreds of edits unrelated prompts score far above beta, and the edits that only reached
+    # beta fell under the threshold (the same first merge, retrieve: 23 of 500 edits under it, Rel 0.925 / Gen 0.633
+    # / Loc 0.987 at beta; none, 0.962 / 0.655 / 0.995 at the guard). 0 epochs: the merge alone.
     consolidate_epochs: int = 16
     consolidate_batch: int = 16
     consolidate_steps: int = 10

@@ -320,10 +320,7 @@ class WiseEditor:
         s, cfg = self.state, self.config
         if edit_scores is not None:
             s.min_scores[index] = min(s.min_scores[index], float(edit_scores.min()))
-        with torch.no_grad():
-            held_out = self._scores(self._reference_rows("guard"), self.layer.memories[index], self.layer.token_reduce)
-        level = 1 - (1 - cfg.guard_quantile) / self._routing_memories()
-        guard = float(torch.quantile(held_out.float(), level)) / cfg.act_ratio
+        guard = self._guard(index)
         edge = cfg.act_ratio * s.min_scores[index]
         if cfg.threshold_from == "edits":
             threshold = max(edge, guard)
@@ -331,6 +328,14 @@ class WiseEditor:
             threshold = math.sqrt(guard * edge) if guard < edge < math.inf else guard
         self.layer.set_threshold(index, threshold)
         return threshold
+
+    @torch.no_grad()
+    def _guard(self, index: int) -> float:
+        """The least threshold of memory ``index``: 1/act_ratio above the held-out references' scores."""
+        cfg = self.config
+        held_out = self._scores(self._reference_rows("guard"), self.layer.memories[index], self.layer.token_reduce)
+        level = 1 - (1 - cfg.guard_quantile) / self._routing_memories()
+        return float(torch.quantile(held_out.float(), level)) / cfg.act_ratio
 
     def _routing_memories(self) -> int:
         """The side memories that inference routes among: the merged or frozen ones and the open shards."""
@@ -431,11 +436,18 @@ class WiseEditor:
         precond = self._preconditioner(None, [index])
         g = torch.Generator().manual_seed(self._seed("consolidate", s.n_edits))
         for _ in range(cfg.consolidate_epochs):
+            least = self._consolidate_floor(index)
             order = torch.randperm(len(edits), generator=g).tolist()
             for i in range(0, len(edits), cfg.consolidate_batch):
                 chunk = [edits[j] for j in order[i:i + cfg.consolidate_batch]]
                 self._fit(index, self._edit_batch(None, chunk), None, precond, 1.0, 0, origin, kept,
-                          cfg.consolidate_steps)
+                          cfg.consolidate_steps, least)
+
+    def _consolidate_floor(self, index: int) -> float:
+        """The score every edit of a consolidating memory must reach: 1/act_ratio above its guard, where
+        the threshold then sits under the weakest edit. After hundreds of edits a memory sits far from the
+        main one on every prompt, and its guard far above beta."""
+        return max(self.state.margins[1], self._guard(index) / self.config.act_ratio)
 
     def _drop_memories(self, indices: Sequence[int]) -> None:
         s = self.state
@@ -563,10 +575,12 @@ class WiseEditor:
         return EditResult(steps=steps, loss=loss, score=float(scores.min()), threshold=threshold)
 
     def _fit(self, index: int, batch: dict, features: Optional[Tensor], precond: Optional[Tensor], ratio: float,
-             seed: int, origin: Tensor, kept: KeptTexts, n_iter: int) -> tuple[int, float, Tensor]:
+             seed: int, origin: Tensor, kept: KeptTexts, n_iter: int,
+             least: Optional[float] = None) -> tuple[int, float, Tensor]:
         """Trains memory ``index`` on ``batch`` (answer loss and routing margin, ``kept`` down) for up
         to ``n_iter`` steps on ``features`` (None: all), preconditioned with ``precond``, the op's entry
-        mask drawn with ``ratio`` and ``seed``, each entry bounded around ``origin``. Returns
+        mask drawn with ``ratio`` and ``seed``, each entry bounded around ``origin``, every edit row
+        scoring at least ``least`` (None: beta). Returns
         the steps, the last loss and the routing score of the batch's first row."""
         cfg, layer, s = self.config, self.layer, self.state
         _, beta, gamma = s.margins
@@ -580,7 +594,7 @@ class WiseEditor:
             with EditSession(self.model, layer, self.block_index, inputs, leaf, self._additive) as session:
                 self._additive = session.additive
                 span = batch["span"]
-                floor = self._edit_floor(session, span, kept.rivals)
+                floor = self._edit_floor(session, span, kept.rivals, least)
                 for steps in range(1, n_iter + 1):
                     leaf.grad = None
                     logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
@@ -607,15 +621,17 @@ class WiseEditor:
         return steps, loss_value, scores
 
     @torch.no_grad()
-    def _edit_floor(self, session: EditSession, span: Tensor, rivals: list) -> Tensor | float:
-        """The score each row of the batch must reach: beta, and gamma above the ``rivals``' scores
-        on it (retrieve: inference picks the highest score)."""
+    def _edit_floor(self, session: EditSession, span: Tensor, rivals: list,
+                    least: Optional[float] = None) -> Tensor | float:
+        """The score each row of the batch must reach: ``least`` (None: beta), and gamma above the
+        ``rivals``' scores on it (retrieve: inference picks the highest score)."""
         _, beta, gamma = self.state.margins
+        least = beta if least is None else least
         if not rivals:
-            return beta
+            return least
         rows = TokenRows.from_batch(session.layer_input, self.layer.editing.y_main, span)
         rival = torch.stack([self._scores(rows, self.layer.memories[m]) for m in rivals]).amax(0)
-        return torch.clamp(rival + gamma, min=beta)
+        return torch.clamp(rival + gamma, min=least)
 
     # ---- step direction ----
     def _features(self) -> int:

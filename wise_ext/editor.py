@@ -583,7 +583,7 @@ class WiseEditor:
         scoring at least ``least`` (None: beta). Returns
         the steps, the last loss and the routing score of the batch's first row."""
         cfg, layer, s = self.config, self.layer, self.state
-        _, beta, gamma = s.margins
+        gamma = s.margins[2]
         weight = layer.memories[index]
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         leaf = weight.detach().requires_grad_(True)

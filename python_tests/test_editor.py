@@ -399,7 +399,7 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     fits = []
     real = WiseEditor._fit
 
-    def spy(self, index, batch, features, precond, ratio, seed, origin, kept, n_iter, least=None):
+    def spy(self, index, batch, features, precond, ratio, seed, origin, kept, n_iter, least):
         # The floor a consolidation pass holds the edits to, as the memory stands when the pass starts.
         guard_floor = max(self.state.margins[1], self._guard(index) / self.config.act_ratio)
         fits.append((self.state.n_edits, batch, features, kept.n_texts, n_iter, precond, least, guard_floor))
@@ -427,7 +427,7 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
         assert n_texts == n_refs + (2 if retrieve else 0)
     # Edits are held to beta; a consolidation pass to 1/act_ratio above the memory's guard as the pass starts,
     # where the threshold sits under every edit that reaches it.
-    assert all(f[6] is None for f in fits if f[2] is not None)
+    assert all(f[6] == editor.state.margins[1] for f in fits if f[2] is not None)
     starts = consolidation[::(len(held) + 1) // 2]
     assert len(starts) == 2 and all(f[6] == pytest.approx(f[7]) for f in starts)
     assert all(f[6] >= editor.state.margins[1] for f in consolidation)

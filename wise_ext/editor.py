@@ -570,17 +570,16 @@ class WiseEditor:
         features = self._shard_features(index)
         steps, loss, scores = self._fit(index, batch, features, self._preconditioner(features), ratio,
                                         self.state.shard_seeds[str(index)], self._shard_origin(),
-                                        self._kept_texts(), cfg.n_iter)
+                                        self._kept_texts(), cfg.n_iter, self.state.margins[1])
         threshold = self._set_threshold(index, scores)
         return EditResult(steps=steps, loss=loss, score=float(scores.min()), threshold=threshold)
 
     def _fit(self, index: int, batch: dict, features: Optional[Tensor], precond: Optional[Tensor], ratio: float,
-             seed: int, origin: Tensor, kept: KeptTexts, n_iter: int,
-             least: Optional[float] = None) -> tuple[int, float, Tensor]:
+             seed: int, origin: Tensor, kept: KeptTexts, n_iter: int, least: float) -> tuple[int, float, Tensor]:
         """Trains memory ``index`` on ``batch`` (answer loss and routing margin, ``kept`` down) for up
         to ``n_iter`` steps on ``features`` (None: all), preconditioned with ``precond``, the op's entry
         mask drawn with ``ratio`` and ``seed``, each entry bounded around ``origin``, every edit row
-        scoring at least ``least`` (None: beta). Returns
+        scoring at least ``least`` (an edit: beta). Returns
         the steps, the last loss and the routing score of the batch's first row."""
         cfg, layer, s = self.config, self.layer, self.state
         gamma = s.margins[2]
@@ -621,12 +620,10 @@ class WiseEditor:
         return steps, loss_value, scores
 
     @torch.no_grad()
-    def _edit_floor(self, session: EditSession, span: Tensor, rivals: list,
-                    least: Optional[float] = None) -> Tensor | float:
-        """The score each row of the batch must reach: ``least`` (None: beta), and gamma above the
-        ``rivals``' scores on it (retrieve: inference picks the highest score)."""
-        _, beta, gamma = self.state.margins
-        least = beta if least is None else least
+    def _edit_floor(self, session: EditSession, span: Tensor, rivals: list, least: float) -> Tensor | float:
+        """The score each row of the batch must reach: ``least``, and gamma above the ``rivals``' scores
+        on it (retrieve: inference picks the highest score)."""
+        gamma = self.state.margins[2]
         if not rivals:
             return least
         rows = TokenRows.from_batch(session.layer_input, self.layer.editing.y_main, span)

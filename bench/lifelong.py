@@ -137,10 +137,14 @@ def main():
     p.add_argument("--modes", nargs="+", default=["merge", "retrieve"], choices=["merge", "retrieve"])
     p.add_argument("--margins", nargs="+", default=["calibrated", "paper"], choices=["calibrated", "paper"])
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--table", action="store_true", help="print --out's calibrated rows as the README's table and stop")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in --out (a long T run after the short ones), replacing those this "
                         "run repeats; its score histograms go to lifelong-routing-scores-<T>.png")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     torch.set_num_threads(args.threads)
     records = factlm.zsre_records()
     rows, histograms = [], {}
@@ -159,6 +163,21 @@ def main():
                     if T == max(counts) and mode == "merge":
                         histograms[f"{testbed}, {margins} margins, merge, T={T}"] = scores
     plot(rows, histograms, args.out.parent, "-" + "-".join(map(str, args.T)) if args.append else "")
+
+
+def table(rows: list[dict]) -> str:
+    """The calibrated rows as markdown: one line per (testbed, mode), one column per T, a resumed row marked."""
+    rows = [r for r in rows if r["margins"] == "calibrated"]
+    counts = sorted({r["T"] for r in rows})
+    lines = ["| testbed | mode | " + " | ".join(f"T = {t}" for t in counts) + " |", "|---|---|" + "---|" * len(counts)]
+    for testbed, mode in sorted({(r["testbed"], r["mode"]) for r in rows}):
+        cells = []
+        for t in counts:
+            r = next((r for r in rows if (r["testbed"], r["mode"], r["T"]) == (testbed, mode, t)), None)
+            cells.append("" if r is None else f"{r['rel']:.2f} / {r['gen']:.2f} / {r['loc']:.2f}"
+                         + (" (resumed)" if r.get("resumed") else "") + f" `{r['commit']}`")
+        lines.append(f"| {'fact-LM' if testbed == 'factlm' else 'random LLaMA'} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def write_rows(rows: list[dict], out: Path) -> None:

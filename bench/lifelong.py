@@ -77,11 +77,12 @@ def run_one(testbed: str, margins: str, mode: str, T: int, records: list[dict]) 
     editor = WiseEditor(model, tokenizer, config, reference_prompts=references(records))
     requests = [EditRequest.from_dict(r) for r in records[:T]]
     t0 = time.perf_counter()
-    editor.edit_many(requests)
+    results = editor.edit_many(requests)
     seconds = (time.perf_counter() - t0) / T
     metrics = editor.evaluate(requests)
     row = {"testbed": testbed, "margins": margins, "mode": mode, "T": T, "rel": round(metrics["rel"], 4),
            "gen": round(metrics["gen"], 4), "loc": round(metrics["loc"], 4), "sec_per_edit": round(seconds, 3),
+           "steps_per_edit": round(sum(r.steps for r in results) / T, 1),
            "commit": commit()}
     scores = {
         "edited": routing_scores(editor, [r.prompt for r in requests], [r.target_new for r in requests]),

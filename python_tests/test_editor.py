@@ -186,7 +186,8 @@ def test_two_shards_merge_into_one_memory(normalize, tokenizer, monkeypatch):
 
     monkeypatch.setattr(wise_ext.ops, "ties_merge", spy)
     model = make_model("llama", tokenizer)
-    cfg = WiseConfig(save_freq=1, merge_freq=2, merge_normalize=normalize, density=1.0, consolidate_epochs=0, **FAST)
+    cfg = WiseConfig(save_freq=1, merge_freq=2, merge_normalize=normalize, density=1.0, consolidate_epochs=0,
+                     consolidate_repair_passes=0, **FAST)
     editor = WiseEditor(model, tokenizer, cfg)
     editor.edit(EDIT)
     editor.edit(EDIT2)  # the second edit starts a second shard, then both merge
@@ -409,7 +410,7 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
     merge_freq = 1 if retrieve else 3
     cfg = WiseConfig(save_freq=1, merge_freq=merge_freq, retrieve=retrieve, consolidate_epochs=2, consolidate_batch=2,
-                     consolidate_steps=3, **{**FAST, "n_iter": 6})
+                     consolidate_steps=3, consolidate_repair_passes=0, **{**FAST, "n_iter": 6})
     editor = WiseEditor(make_model("llama", tokenizer), tokenizer, cfg)
     editor.edit_many([EDIT, EDIT2, third])
     n_refs = editor._reference_rows().n_rows
@@ -452,6 +453,67 @@ def test_a_merge_consolidates_the_memory_on_all_its_edits(retrieve, tokenizer, m
     for name in ("consolidate_batch", "consolidate_steps"):
         with pytest.raises(ValueError, match=name):
             WiseConfig(**{name: 0})
+
+
+def test_repair_passes_train_only_the_unsettled_edits(tokenizer, monkeypatch):
+    """After the full passes, each repair pass trains exactly the edits the memory does not answer
+    or that score under the floor, and they stop once none is left."""
+    third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
+    reqs = [EDIT, EDIT2, third]
+    cfg = WiseConfig(save_freq=1, merge_freq=3, consolidate_epochs=1, consolidate_batch=2, consolidate_steps=2,
+                     consolidate_repair_passes=3, **FAST)
+    editor = WiseEditor(make_model("llama", tokenizer), tokenizer, cfg)
+    editor.edit_many(reqs[:2])
+    fits, found = [], []
+    real_fit, real_unsettled = WiseEditor._fit, WiseEditor._unsettled
+
+    def fit(self, index, batch, *args):
+        fits.append((len(found), sorted(row[row != 0].tolist() for row in batch["input_ids"])))
+        return real_fit(self, index, batch, *args)
+
+    def unsettled(self, index, least):
+        # The first call finds two edits unsettled (the floor above the middle score), the next none.
+        if found:
+            found.append([])
+            return []
+        scores = self._scores(self._rows([r.prompt for r in reqs], [r.target_new for r in reqs]), self.layer.memories[index],
+                              self.layer.token_reduce)
+        found.append(real_unsettled(self, index, float(scores.median()) + 1e-4))
+        return found[-1]
+
+    monkeypatch.setattr(WiseEditor, "_fit", fit)
+    monkeypatch.setattr(WiseEditor, "_unsettled", unsettled)
+    editor.edit(third)  # the merge
+    assert len(found) == 2 and found[1] == [] and len(found[0]) >= 2
+    full = [f for f in fits if f[0] == 0]
+    repair = [ids for n, ids in fits if n == 1]
+    assert len(full) == 2 + 1  # the third edit's own fit, then one full pass in batches of two
+    expected = sorted(wise_ext.requests.encode_answers(tokenizer, [reqs[i].prompt], [reqs[i].target_new], "cpu")
+                      ["input_ids"][0].tolist() for i in found[0])
+    assert sorted(row for ids in repair for row in ids) == expected
+    with pytest.raises(ValueError, match="consolidate_repair_passes"):
+        WiseConfig(consolidate_repair_passes=-1)
+
+
+def test_unsettled_edits_are_those_the_memory_misses(tokenizer):
+    """_unsettled against the model run with the memory firing on every prompt: the edits it does
+    not answer every token of, or that score under the floor."""
+    third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
+    reqs = [EDIT, EDIT2, third, EditRequest("Who founded Orlen Vale ?", "Dorra Quill")]
+    cfg = WiseConfig(save_freq=2, merge_freq=4, consolidate_epochs=0, consolidate_repair_passes=0,
+                     **{**FAST, "n_iter": 2})
+    editor = WiseEditor(make_model("llama", tokenizer), tokenizer, cfg)
+    editor.edit_many(reqs)
+    index = editor.state.merged
+    editor.layer.thresholds.fill_(-1.0)  # the merged memory answers everything
+    batch = wise_ext.requests.encode_answers(tokenizer, [r.prompt for r in reqs], [r.target_new for r in reqs], "cpu")
+    with torch.no_grad():
+        out = editor.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    answered = wise_ext.requests.token_accuracy(out.logits, batch["labels"]) == 1
+    scores = editor.layer.last_scores[:, index]
+    for least in (float(scores.min()) - 1, float(scores.median()), float(scores.max()) + 1):
+        want = [i for i in range(len(reqs)) if not answered[i] or scores[i] < least]
+        assert editor._unsettled(index, least, batch_size=3) == want
 
 
 @pytest.mark.parametrize("threshold_from", ["references", "edits"])
@@ -510,7 +572,7 @@ def test_retrieve_memories_lose_on_the_frozen_ones_edits_and_win_on_their_own(to
     assert paper.layer.select == "score" and paper._kept_texts([0]).rivals == []
     paper.detach()
     cfg = WiseConfig(save_freq=1, merge_freq=1, retrieve=True, n_replay=2, consolidate_epochs=0,
-                     **{**FAST, "n_iter": 10})
+                     consolidate_repair_passes=0, **{**FAST, "n_iter": 10})
     editor = WiseEditor(model, tokenizer, cfg)
     assert editor.layer.select == "score"
     third = EditRequest("Where was Rennet Hale born ?", "Tarsk")

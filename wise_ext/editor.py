@@ -8,6 +8,7 @@ memory picked by routing (WISE-Retrieve).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -420,12 +421,12 @@ class WiseEditor:
         """Trains memory ``index`` on all the edits it holds (WiseConfig.consolidate_epochs
         passes, shuffled, in batches of consolidate_batch, consolidate_steps steps each: many
         short passes fit them jointly, where a batch trained to the end undid the ones before
-        it), under the margin of an edit,
-        replaying the edits of the ``frozen`` memories before it: a merge keeps only part
+        it), then up to consolidate_repair_passes over the edits still unsettled, under the
+        margin of an edit, replaying the edits of the ``frozen`` memories before it: a merge keeps only part
         of each shard's change, and each edit nudged the answers of those before it."""
         cfg, s = self.config, self.state
         edits = s.memory_edits[index]
-        if not cfg.consolidate_epochs or not edits:
+        if not (cfg.consolidate_epochs or cfg.consolidate_repair_passes) or not edits:
             return
         # Every entry trains, each bounded (norm_constraint) around where the merge left it.
         origin = self.layer.memories[index].clone()
@@ -435,13 +436,35 @@ class WiseEditor:
         # the same throughout: one inverse.
         precond = self._preconditioner(None, [index])
         g = torch.Generator().manual_seed(self._seed("consolidate", s.n_edits))
-        for _ in range(cfg.consolidate_epochs):
+        passes = [None] * cfg.consolidate_epochs + ["repair"] * cfg.consolidate_repair_passes
+        for kind in passes:
             least = self._consolidate_floor(index)
-            order = torch.randperm(len(edits), generator=g).tolist()
-            for i in range(0, len(edits), cfg.consolidate_batch):
+            picked = range(len(edits)) if kind is None else self._unsettled(index, least)
+            if not picked:
+                break
+            order = [picked[j] for j in torch.randperm(len(picked), generator=g).tolist()]
+            for i in range(0, len(order), cfg.consolidate_batch):
                 chunk = [edits[j] for j in order[i:i + cfg.consolidate_batch]]
                 self._fit(index, self._edit_batch(None, chunk), None, precond, 1.0, 0, origin, kept,
                           cfg.consolidate_steps, least)
+
+    @torch.no_grad()
+    def _unsettled(self, index: int, least: float, batch_size: int = 32) -> list[int]:
+        """The edits of memory ``index`` that it does not answer (every answer token, teacher-forced,
+        the memory forced) or that score under ``least``."""
+        edits, memory, out = self.state.memory_edits[index], self.layer.memories[index], []
+        for sl in self._batches(len(edits), batch_size):
+            prompts, answers = zip(*edits[sl])
+            batch = encode_answers(self.tokenizer, list(prompts), list(answers), memory.device, self.max_length)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            with self._eval_mode(), EditSession(self.model, self.layer, self.block_index, inputs, memory,
+                                                self._additive) as session:
+                self._additive = session.additive
+                answered = token_accuracy(self.model.get_output_embeddings()(session.hidden()), batch["labels"]) == 1
+                rows = TokenRows.from_batch(session.layer_input, self.layer.editing.y_main, self._routing_mask(batch))
+                scores = self._scores(rows, memory, self.layer.token_reduce)
+            out += [sl.start + i for i in torch.nonzero(~answered | (scores < least)).flatten().tolist()]
+        return out
 
     def _consolidate_floor(self, index: int) -> float:
         """The score every edit of a consolidating memory must reach: 1/act_ratio above its guard, where
@@ -586,10 +609,8 @@ class WiseEditor:
         weight = layer.memories[index]
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         leaf = weight.detach().requires_grad_(True)
-        was_training = self.model.training
-        self.model.eval()
         loss_value, steps = float("nan"), 0
-        try:
+        with self._eval_mode():
             with EditSession(self.model, layer, self.block_index, inputs, leaf, self._additive) as session:
                 self._additive = session.additive
                 span = batch["span"]
@@ -615,9 +636,16 @@ class WiseEditor:
                     edit_rows = TokenRows.from_batch(session.layer_input[:1], layer.editing.y_main[:1],
                                                      self._routing_mask(batch)[:1])
                     scores = self._scores(edit_rows, weight, layer.token_reduce)
+        return steps, loss_value, scores
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
         finally:
             self.model.train(was_training)
-        return steps, loss_value, scores
 
     @torch.no_grad()
     def _edit_floor(self, session: EditSession, span: Tensor, rivals: list, least: float) -> Tensor | float:

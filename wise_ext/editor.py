@@ -436,10 +436,9 @@ class WiseEditor:
         # the same throughout: one inverse.
         precond = self._preconditioner(None, [index])
         g = torch.Generator().manual_seed(self._seed("consolidate", s.n_edits))
-        passes = [None] * cfg.consolidate_epochs + ["repair"] * cfg.consolidate_repair_passes
-        for kind in passes:
+        for n in range(cfg.consolidate_epochs + cfg.consolidate_repair_passes):
             least = self._consolidate_floor(index)
-            picked = range(len(edits)) if kind is None else self._unsettled(index, least)
+            picked = range(len(edits)) if n < cfg.consolidate_epochs else self._unsettled(index, least)
             if not picked:
                 break
             order = [picked[j] for j in torch.randperm(len(picked), generator=g).tolist()]

@@ -476,8 +476,8 @@ def test_repair_passes_train_only_the_unsettled_edits(tokenizer, monkeypatch):
         if found:
             found.append([])
             return []
-        scores = self._scores(self._rows([r.prompt for r in reqs], [r.target_new for r in reqs]), self.layer.memories[index],
-                              self.layer.token_reduce)
+        rows = self._rows([r.prompt for r in reqs], [r.target_new for r in reqs])
+        scores = self._scores(rows, self.layer.memories[index], self.layer.token_reduce)
         found.append(real_unsettled(self, index, float(scores.median()) + 1e-4))
         return found[-1]
 

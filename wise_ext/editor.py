@@ -422,8 +422,9 @@ class WiseEditor:
         passes, shuffled, in batches of consolidate_batch, consolidate_steps steps each: many
         short passes fit them jointly, where a batch trained to the end undid the ones before
         it), then up to consolidate_repair_passes over the edits still unsettled, under the
-        margin of an edit, replaying the edits of the ``frozen`` memories before it: a merge keeps only part
-        of each shard's change, and each edit nudged the answers of those before it."""
+        margin of an edit, replaying the edits of the ``frozen`` memories before it: a merge
+        keeps only part of each shard's change, and each edit nudged the answers of those
+        before it."""
         cfg, s = self.config, self.state
         edits = s.memory_edits[index]
         if not (cfg.consolidate_epochs or cfg.consolidate_repair_passes) or not edits:
@@ -450,7 +451,7 @@ class WiseEditor:
     @torch.no_grad()
     def _unsettled(self, index: int, least: float, batch_size: int = 32) -> list[int]:
         """The edits of memory ``index`` that it does not answer (every answer token, teacher-forced,
-        the memory forced) or that score under ``least``."""
+        the memory forced) or that score under ``least``. The head runs on the answer positions only."""
         edits, memory, out = self.state.memory_edits[index], self.layer.memories[index], []
         for sl in self._batches(len(edits), batch_size):
             prompts, answers = zip(*edits[sl])
@@ -459,10 +460,13 @@ class WiseEditor:
             with self._eval_mode(), EditSession(self.model, self.layer, self.block_index, inputs, memory,
                                                 self._additive) as session:
                 self._additive = session.additive
-                answered = token_accuracy(self.model.get_output_embeddings()(session.hidden()), batch["labels"]) == 1
+                logits, targets = answer_logits(self.model, session.hidden(), batch["labels"])
                 rows = TokenRows.from_batch(session.layer_input, self.layer.editing.y_main, self._routing_mask(batch))
                 scores = self._scores(rows, memory, self.layer.token_reduce)
-            out += [sl.start + i for i in torch.nonzero(~answered | (scores < least)).flatten().tolist()]
+            row_of = (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
+            missed = scores.new_zeros(len(scores), dtype=torch.long).index_add_(
+                0, row_of, (logits.argmax(-1) != targets).long())
+            out += [sl.start + i for i in torch.nonzero((missed > 0) | (scores < least)).flatten().tolist()]
         return out
 
     def _consolidate_floor(self, index: int) -> float:

@@ -34,11 +34,17 @@ PAPER_MARGINS = dict(act_margin=(5.0, 20.0, 10.0), edit_lr=1.0, norm_constraint=
 
 
 def commit() -> str:
+    """HEAD, with "+dirty" where the code a run executes differs from it (a long run's row must name
+    the code it ran, not what was committed while it ran)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "../wise_ext", "../csrc", "*.py")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def references(records: list[dict]) -> list[str]:
@@ -65,7 +71,8 @@ def routing_scores(editor: WiseEditor, prompts: list[str], answers: list[str]) -
     return out
 
 
-def run_one(testbed: str, margins: str, mode: str, T: int, records: list[dict]) -> tuple[dict, dict]:
+def run_one(testbed: str, margins: str, mode: str, T: int, records: list[dict],
+            progress: bool = False) -> tuple[dict, dict]:
     if testbed == "factlm":
         model, tokenizer, _ = factlm.load_or_train(log=lambda *_: None)
     else:
@@ -76,14 +83,17 @@ def run_one(testbed: str, margins: str, mode: str, T: int, records: list[dict]) 
                         **(PAPER_MARGINS if margins == "paper" else {}))
     editor = WiseEditor(model, tokenizer, config, reference_prompts=references(records))
     requests = [EditRequest.from_dict(r) for r in records[:T]]
+    code = commit()
     t0 = time.perf_counter()
-    results = editor.edit_many(requests)
+    results = editor.edit_many(requests, progress=progress)
     seconds = (time.perf_counter() - t0) / T
     metrics = editor.evaluate(requests)
+    rel = metrics["per_request"]["rel"]
     row = {"testbed": testbed, "margins": margins, "mode": mode, "T": T, "rel": round(metrics["rel"], 4),
            "gen": round(metrics["gen"], 4), "loc": round(metrics["loc"], 4), "sec_per_edit": round(seconds, 3),
            "steps_per_edit": round(sum(r.steps for r in results) / T, 1),
-           "commit": commit()}
+           "rel_halves": [round(sum(h) / len(h), 4) for h in (rel[:T // 2], rel[T // 2:]) if h],
+           "threads": torch.get_num_threads(), "commit": code}
     scores = {
         "edited": routing_scores(editor, [r.prompt for r in requests], [r.target_new for r in requests]),
         "paraphrase": routing_scores(editor, [r.rephrase for r in requests], [r.target_new for r in requests]),
@@ -138,6 +148,7 @@ def main():
     p.add_argument("--modes", nargs="+", default=["merge", "retrieve"], choices=["merge", "retrieve"])
     p.add_argument("--margins", nargs="+", default=["calibrated", "paper"], choices=["calibrated", "paper"])
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--progress", action="store_true", help="a progress bar of the edits on stderr")
     p.add_argument("--table", action="store_true", help="print --out's calibrated rows as the README's table and stop")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in --out (a long T run after the short ones), replacing those this "
@@ -156,7 +167,7 @@ def main():
             for mode in args.modes:
                 counts = args.random_T if testbed == "random" else args.paper_T if margins == "paper" else args.T
                 for T in counts:
-                    row, scores = run_one(testbed, margins, mode, T, records)
+                    row, scores = run_one(testbed, margins, mode, T, records, args.progress)
                     key = (testbed, margins, mode, T)
                     rows = [r for r in rows if (r["testbed"], r["margins"], r["mode"], r["T"]) != key] + [row]
                     print(json.dumps(row), flush=True)

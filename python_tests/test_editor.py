@@ -93,6 +93,29 @@ def test_from_pretrained_continues_editing(tokenizer, tmp_path):
     assert torch.equal(again.layer.memories, editor.layer.memories)
 
 
+@pytest.mark.parametrize("retrieve", [False, True])
+def test_a_run_resumed_from_a_training_checkpoint_is_the_unbroken_run(retrieve, tokenizer, tmp_path):
+    """Saved mid-shard with its training state, an editor goes on, across merges, bit for bit as it
+    would have (a lifelong benchmark run can stop and resume); without it, only close."""
+    third = EditRequest("Where was Rennet Hale born ?", "Tarsk")
+    stream = [EDIT, EDIT2, third, EDIT2, EDIT, third, EDIT]  # merges (or freezes) after edits 3 and 6
+    cfg = WiseConfig(save_freq=3, merge_freq=3, retrieve=retrieve, n_rehearsal=2, consolidate_epochs=1,
+                     consolidate_repair_passes=1, **FAST)
+    editor = WiseEditor(make_model("llama", tokenizer), tokenizer, cfg)
+    editor.edit_many(stream[:5])  # the open shard holds two edits, its moment summed edit by edit
+    editor.save_pretrained(str(tmp_path / "training"), training_state=True)
+    editor.save_pretrained(str(tmp_path / "inference"))
+    resumed = WiseEditor.from_pretrained(make_model("llama", tokenizer), str(tmp_path / "training"), tokenizer)
+    approx = WiseEditor.from_pretrained(make_model("llama", tokenizer), str(tmp_path / "inference"), tokenizer)
+    for e in (editor, resumed, approx):
+        e.edit_many(stream[5:])
+    assert resumed.state == editor.state
+    assert torch.equal(resumed.layer.memories, editor.layer.memories)
+    assert torch.equal(resumed.layer.thresholds, editor.layer.thresholds)
+    torch.testing.assert_close(approx.layer.memories, editor.layer.memories, rtol=1e-3, atol=1e-4)
+    assert wise_ext.attach(make_model("llama", tokenizer), str(tmp_path / "training")).num_memories == 2
+
+
 def test_a_format_1_checkpoint_loads_with_its_open_shards_stacked(tokenizer, tmp_path):
     from safetensors.torch import save_file
 

@@ -37,11 +37,17 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
-def save_checkpoint(path: str, editor) -> None:
+def save_checkpoint(path: str, editor, training_state: bool = False) -> None:
     os.makedirs(path, exist_ok=True)
     layer: WiseLayer = editor.layer
     tensors = {"memories": layer.memories.detach().contiguous().cpu(),
                "thresholds": layer.thresholds.detach().contiguous().cpu()}
+    # The edit moments are derived (from the edits), but summed edit by edit: one sum of all of them
+    # rounds otherwise, and a resumed run would drift from the unbroken one.
+    moments = {}
+    if training_state:
+        moments = {i: (n, m) for i, (n, m) in editor._moments.items() if isinstance(m, torch.Tensor)}
+    tensors.update({f"moment.{i}": m.detach().contiguous().cpu() for i, (_, m) in moments.items()})
     meta = {
         "format": FORMAT,
         "config": editor.config.to_dict(),
@@ -51,6 +57,8 @@ def save_checkpoint(path: str, editor) -> None:
         "fingerprint": model_fingerprint(editor.model, editor.layer_name, layer.weight),
         "state": editor.state.to_dict(),
     }
+    if training_state:
+        meta["training"] = {"moment_edits": {str(i): n for i, (n, _) in moments.items()}}
     _atomic_write(os.path.join(path, TENSORS), lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     _atomic_write(os.path.join(path, CONFIG), lambda tmp: _write_json(tmp, meta))
 
@@ -125,6 +133,9 @@ def load_checkpoint(cls, model: nn.Module, path: str, tokenizer=None):
     from .editor import EditorState
 
     editor.state = EditorState.from_dict(meta["state"])
+    device = editor.layer.weight.device
+    editor._moments = {int(i): (n, tensors[f"moment.{i}"].to(device))
+                       for i, n in meta.get("training", {}).get("moment_edits", {}).items()}
     if meta["format"] == "wise-ext/1":
         _stack_open_shards(editor)
     return editor

@@ -109,7 +109,7 @@ class WiseEditor:
         self._main_rms: Optional[float] = None
         self._samples: Optional[list[str]] = None
         # Memory index -> (edits counted, sum of their inputs' token-averaged second moments);
-        # derived from state.memory_edits, so not saved.
+        # derived from state.memory_edits, so saved only with save_pretrained(training_state=True).
         self._moments: dict[int, tuple[int, Tensor]] = {}
         self._reference_moment: Optional[Tensor] = None  # per token, of the "train" references
         # (the frozen memories, their replayed edits, the highest of those memories' scores on each)
@@ -159,10 +159,13 @@ class WiseEditor:
         return {"rel": mean(rel), "gen": mean(gen), "loc": mean(loc), "n": len(reqs),
                 "per_request": {"rel": rel, "gen": gen, "loc": loc}}
 
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str, training_state: bool = False) -> None:
+        """The memories, thresholds, config and state, as safetensors + JSON. ``training_state``
+        adds what editing goes on from (each memory's moment of its edits' inputs, summed edit by edit), so that
+        ``from_pretrained(...).edit_many(rest)`` equals the unbroken run bit for bit."""
         from .checkpoint import save_checkpoint
 
-        save_checkpoint(path, self)
+        save_checkpoint(path, self, training_state)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str, tokenizer=None) -> "WiseEditor":

@@ -1,5 +1,5 @@
 // Activations applied inside the routing distance, with their derivatives.
-// The ids match the order of kActNames in csrc/ops_common.h.
+// The ids match the order of the names parse_act reads in csrc/checks.cpp.
 #pragma once
 #include <cmath>
 #include "common.h"

@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -33,18 +35,60 @@ REFERENCE = slice(1000, 1256)
 PAPER_MARGINS = dict(act_margin=(5.0, 20.0, 10.0), edit_lr=1.0, norm_constraint=1.0)  # EasyEdit's llama-7b
 
 
+CODE = ("../wise_ext", "../csrc", "*.py")  # what a run executes, as pathspecs from bench/
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def commit() -> str:
     """HEAD, with "+dirty" where the code a run executes differs from it (a long run's row must name
     the code it ran, not what was committed while it ran)."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "../wise_ext", "../csrc", "*.py")
+        dirty = git("status", "--porcelain", "--", *CODE)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def same_code(started: str) -> bool:
+    """Whether the code is still what the run started from (later commits may change docs and results)."""
+    if started.endswith("+dirty") or started == "unknown" or commit().endswith("+dirty"):
+        return False
+    return subprocess.run(["git", "diff", "--quiet", started, "--", *CODE], cwd=HERE).returncode == 0
+
+
+class RunCheckpoint:
+    """A run's editor, saved with its training state every ``every`` edits, so that a stopped run goes on
+    where it stopped, bit for bit as the unbroken run (WiseEditor.save_pretrained(training_state=True)).
+    Each save is a new folder renamed into place: a stop mid-save leaves the last whole one."""
+
+    PROGRESS = "progress.json"
+
+    def __init__(self, root: Path, key: str, every: int):
+        self.folder, self.every = root / key, every
+        self.old = self.folder.with_name(self.folder.name + ".old")
+
+    def load(self) -> Optional[dict]:
+        if not self.folder.exists() and self.old.exists():  # stopped between the two renames
+            self.old.rename(self.folder)
+        path = self.folder / self.PROGRESS
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def due(self, done: int, total: int) -> bool:
+        return done % self.every == 0 or done == total
+
+    def save(self, editor: WiseEditor, progress: dict) -> None:
+        tmp = self.folder.with_name(self.folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        editor.save_pretrained(str(tmp), training_state=True)
+        (tmp / self.PROGRESS).write_text(json.dumps(progress))
+        if self.folder.exists():
+            self.folder.rename(self.old)
+        tmp.rename(self.folder)
+        shutil.rmtree(self.old, ignore_errors=True)
 
 
 def references(records: list[dict]) -> list[str]:
@@ -71,8 +115,8 @@ def routing_scores(editor: WiseEditor, prompts: list[str], answers: list[str]) -
     return out
 
 
-def run_one(testbed: str, margins: str, mode: str, T: int, records: list[dict],
-            progress: bool = False) -> tuple[dict, dict]:
+def run_one(testbed: str, margins: str, mode: str, T: int, records: list[dict], progress: bool = False,
+            checkpoint: Optional[RunCheckpoint] = None) -> tuple[dict, dict]:
     if testbed == "factlm":
         model, tokenizer, _ = factlm.load_or_train(log=lambda *_: None)
     else:
@@ -81,19 +125,41 @@ def run_one(testbed: str, margins: str, mode: str, T: int, records: list[dict],
     save_freq = max(1, T // 4)
     config = WiseConfig(save_freq=save_freq, merge_freq=2 * save_freq, retrieve=mode == "retrieve",
                         **(PAPER_MARGINS if margins == "paper" else {}))
-    editor = WiseEditor(model, tokenizer, config, reference_prompts=references(records))
     requests = [EditRequest.from_dict(r) for r in records[:T]]
-    code = commit()
-    t0 = time.perf_counter()
-    results = editor.edit_many(requests, progress=progress)
-    seconds = (time.perf_counter() - t0) / T
+    run = {"commit": commit(), "threads": torch.get_num_threads(), "done": 0, "seconds": 0.0, "steps": [],
+           "resumed_at": []}
+    saved = checkpoint.load() if checkpoint else None
+    if saved is None:
+        editor = WiseEditor(model, tokenizer, config, reference_prompts=references(records))
+    else:
+        if not same_code(saved["commit"]) or saved["threads"] != run["threads"]:
+            raise SystemExit(f"{checkpoint.folder} was saved by the code at {saved['commit']} with "
+                             f"{saved['threads']} threads; this is {run['commit']} with {run['threads']}: "
+                             "a resumed run must be the same run (remove the folder to start again)")
+        editor = WiseEditor.from_pretrained(model, str(checkpoint.folder), tokenizer)
+        run = {**saved, "resumed_at": saved["resumed_at"] + [saved["done"]]}
+    order = range(run["done"], T)
+    if progress:
+        from tqdm import tqdm
+
+        order = tqdm(order, desc="editing", unit="edit", initial=run["done"], total=T)
+    for i in order:
+        t0 = time.perf_counter()
+        run["steps"].append(editor.edit(requests[i]).steps)
+        run["seconds"] += time.perf_counter() - t0
+        run["done"] = i + 1
+        if checkpoint and checkpoint.due(run["done"], T):
+            checkpoint.save(editor, run)
+    seconds = run["seconds"] / T
     metrics = editor.evaluate(requests)
     rel = metrics["per_request"]["rel"]
     row = {"testbed": testbed, "margins": margins, "mode": mode, "T": T, "rel": round(metrics["rel"], 4),
            "gen": round(metrics["gen"], 4), "loc": round(metrics["loc"], 4), "sec_per_edit": round(seconds, 3),
-           "steps_per_edit": round(sum(r.steps for r in results) / T, 1),
+           "steps_per_edit": round(sum(run["steps"]) / T, 1),
            "rel_halves": [round(sum(h) / len(h), 4) for h in (rel[:T // 2], rel[T // 2:]) if h],
-           "threads": torch.get_num_threads(), "commit": code}
+           "threads": run["threads"], "commit": run["commit"]}
+    if run["resumed_at"]:
+        row["resumed_at"] = run["resumed_at"]  # the same run: a training checkpoint resumes bit for bit
     scores = {
         "edited": routing_scores(editor, [r.prompt for r in requests], [r.target_new for r in requests]),
         "paraphrase": routing_scores(editor, [r.rephrase for r in requests], [r.target_new for r in requests]),
@@ -122,8 +188,6 @@ def plot(rows: list[dict], histograms: dict, out_dir: Path, suffix: str = "") ->
     fig.tight_layout()
     fig.savefig(out_dir / "lifelong-metrics.png", dpi=110)
 
-    if not histograms:  # a run of retrieve rows alone
-        return
     fig, axes = plt.subplots(1, len(histograms), figsize=(4.5 * len(histograms), 3.4), squeeze=False)
     for ax, (name, scores) in zip(axes[0], histograms.items()):
         for kind in ("edited", "paraphrase", "unrelated"):
@@ -149,10 +213,14 @@ def main():
     p.add_argument("--margins", nargs="+", default=["calibrated", "paper"], choices=["calibrated", "paper"])
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--progress", action="store_true", help="a progress bar of the edits on stderr")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="save each run's editor here every --checkpoint-every edits, and resume a run from it "
+                        "(same code, same threads); a finished run's folder re-evaluates it")
+    p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--table", action="store_true", help="print --out's calibrated rows as the README's table and stop")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in --out (a long T run after the short ones), replacing those this "
-                        "run repeats; its score histograms go to lifelong-routing-scores-<T>.png")
+                        "run repeats; its score histograms go to lifelong-routing-scores-<T>-<mode>.png")
     args = p.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))
@@ -167,14 +235,16 @@ def main():
             for mode in args.modes:
                 counts = args.random_T if testbed == "random" else args.paper_T if margins == "paper" else args.T
                 for T in counts:
-                    row, scores = run_one(testbed, margins, mode, T, records, args.progress)
+                    saves = args.checkpoint and RunCheckpoint(args.checkpoint, f"{testbed}-{margins}-{mode}-T{T}",
+                                                              args.checkpoint_every)
+                    row, scores = run_one(testbed, margins, mode, T, records, args.progress, saves or None)
                     key = (testbed, margins, mode, T)
                     rows = [r for r in rows if (r["testbed"], r["margins"], r["mode"], r["T"]) != key] + [row]
                     print(json.dumps(row), flush=True)
                     write_rows(rows, args.out)  # every finished row survives an interrupted run
-                    if T == max(counts) and mode == "merge":
-                        histograms[f"{testbed}, {margins} margins, merge, T={T}"] = scores
-    plot(rows, histograms, args.out.parent, "-" + "-".join(map(str, args.T)) if args.append else "")
+                    if T == max(counts):
+                        histograms[f"{testbed}, {margins} margins, {mode}, T={T}"] = scores
+    plot(rows, histograms, args.out.parent, "-".join(["", *map(str, args.T), *args.modes]) if args.append else "")
 
 
 def table(rows: list[dict]) -> str:

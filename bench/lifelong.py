@@ -220,14 +220,14 @@ def main():
     p.add_argument("--table", action="store_true", help="print --out's calibrated rows as the README's table and stop")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in --out (a long T run after the short ones), replacing those this "
-                        "run repeats; its score histograms go to lifelong-routing-scores-<T>-<mode>.png")
+                        "run repeats; its score histograms go to lifelong-routing-scores[-paper]-<T>-<mode>.png")
     args = p.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return
     torch.set_num_threads(args.threads)
     records = factlm.zsre_records()
-    rows, histograms = [], {}
+    rows, histograms, shown = [], {}, set()
     if args.append and args.out.exists():
         rows = json.loads(args.out.read_text())
     for testbed in args.testbeds:
@@ -244,7 +244,10 @@ def main():
                     write_rows(rows, args.out)  # every finished row survives an interrupted run
                     if T == max(counts):
                         histograms[f"{testbed}, {margins} margins, {mode}, T={T}"] = scores
-    plot(rows, histograms, args.out.parent, "-".join(["", *map(str, args.T), *args.modes]) if args.append else "")
+                        shown.add(T)
+    # an appended run's histograms go beside the earlier ones, named after what they show
+    tag = [*(["paper"] if args.margins == ["paper"] else []), *map(str, sorted(shown)), *args.modes]
+    plot(rows, histograms, args.out.parent, "-".join(["", *tag]) if args.append else "")
 
 
 def table(rows: list[dict]) -> str:
